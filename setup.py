@@ -1,0 +1,31 @@
+"""forvalue: forward-only data valuation (For-Value) for fine-tuning LLMs."""
+
+from setuptools import setup
+
+SUBPACKAGES = ("engine", "kernels", "bindings", "bench")
+
+setup(
+    name="forvalue",
+    version="0.1.0",
+    description="Forward-only data valuation (For-Value) for fine-tuning LLMs and VLMs",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[f"forvalue.{name}" for name in SUBPACKAGES],
+    package_dir={f"forvalue.{name}": name for name in SUBPACKAGES},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.56",
+        "safetensors>=0.4",
+        "gguf>=0.10",
+        "accelerate>=1.0",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "triton": ["triton>=3.4"],
+        "test": ["pytest>=8", "triton==3.6.0", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["forvalue=forvalue.bindings.cli:main"]},
+)
