@@ -1,12 +1,14 @@
 """forvalue: forward-only data valuation (For-Value) for fine-tuning LLMs."""
 
+import re
+
 from setuptools import setup
 
 SUBPACKAGES = ("engine", "kernels", "bindings", "bench")
 
 setup(
     name="forvalue",
-    version="0.1.0",
+    version=re.search(r'"(.+)"', open("engine/version.py").read()).group(1),
     description="Forward-only data valuation (For-Value) for fine-tuning LLMs and VLMs",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -11,9 +11,9 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -208,7 +208,7 @@ def _check_options(loss_on: str, max_length: int | None) -> None:
     # Caller mistakes (not sample mistakes): plain ValueError, never collected.
     if loss_on not in LOSS_ON:
         raise ValueError(f"loss_on must be 'response' or 'all', got {loss_on!r}")
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
+    if max_length is not None and (not _is_int(max_length) or max_length < 2):
         raise ValueError(f"max_length must be an integer >= 2 (one token has no label), got {max_length!r}")
 
 
@@ -220,7 +220,11 @@ def _sample_id(sample: Any) -> str | None:
 
 
 def _valid_id(value: Any) -> bool:
-    return isinstance(value, (str, int)) and not isinstance(value, bool)
+    return isinstance(value, str) or _is_int(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _fit(
@@ -284,7 +288,7 @@ def _unknown_keys_message(unknown: set[Any]) -> str:
     for key in sorted(unknown, key=str):
         close = difflib.get_close_matches(str(key), sorted(_FORM_KEYS | OPTIONAL_KEYS), n=1)
         hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
-    return f"unknown key(s) {', '.join(hints)}; {_FORMS_HELP}; put your own fields under \"meta\""
+    return f'unknown key(s) {", ".join(hints)}; {_FORMS_HELP}; put your own fields under "meta"'
 
 
 def _quoted(keys: Iterable[Any]) -> str:
@@ -376,9 +380,9 @@ def _check_message(message: Any, name: str) -> None:
         raise _Invalid(f"{name} is an empty assistant message")
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], prompt: bool = False) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
     except Exception as error:  # the template is the model author's code: any failure is this sample's
         raise _Invalid(f"the chat template failed on this conversation: {error}") from error
 
@@ -403,13 +407,13 @@ def _assistant_span(
         # sentinel instead, which parts from the real one where its content starts.
         before = _render(tokenizer, [{**messages[0], "content": "\x00"}])
     else:
-        before = _render(tokenizer, messages[:i], generation_prompt=True)
+        before = _render(tokenizer, messages[:i], prompt=True)
     return _common_prefix_length(before, upto), len(upto.rstrip())
 
 
 def _common_prefix_length(a: str, b: str) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):  # stops at the shorter string
         if x != y:
             break
         n += 1
@@ -462,7 +466,7 @@ def _encode_hf_labels(
     ids = _token_ids(sample, tokenizer)
     labels = _int_list(sample["labels"], "labels")
     _same_length(ids, labels, "labels")
-    for k, (token, label) in enumerate(zip(ids, labels)):
+    for k, (token, label) in enumerate(zip(ids, labels, strict=True)):
         if label not in (IGNORE_INDEX, token):
             raise _Invalid(
                 f'"labels" must equal "input_ids" where not -100 (position {k}: label {label}, '

