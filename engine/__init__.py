@@ -18,4 +18,5 @@ __all__ = [
     "Valuator",
     "__version__",
     "load_model",
+    "read_jsonl",
 ]

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from forvalue import kernels
 
 from .forward import LabelStates, label_states
@@ -89,7 +88,7 @@ class Valuator:
         tokens: list[TokenValues | None] = [None] * len(samples)
         for batch in self._batches(samples, errors, failures, "score"):
             per_token = self._reference_scores(batch, mean_gradient)
-            for states, token_scores in zip(batch, per_token):
+            for states, token_scores in zip(batch, per_token, strict=True):
                 token_scores = token_scores / self._norm(states)
                 values[states.index] = float(token_scores.sum())
                 if token_values:

@@ -1,10 +1,17 @@
 """Tiny offline tokenizers: whole-word vocabulary, BOS prepended, "\\n" a token of its own."""
 
+import os
 import re
 
 import pytest
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
+
+# Triton reads this when kernels are defined, so it must be set before forvalue.kernels is
+# imported: without a GPU, the Triton kernels run in the interpreter on the CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 WORDS = """system user assistant you are a helpful bot . hello there how are you i am fine

@@ -3,9 +3,7 @@
 import numpy as np
 import pytest
 import torch
-
 from forvalue.engine import Reference, ReferenceMismatch, SampleError, Valuator, load_model
-
 from tiny_models import autograd_gradient, random_samples, tiny_model
 
 KINDS = ["tied", "untied", "bias", "softcap", "scale"]
@@ -55,8 +53,8 @@ def test_normalisations_equal_their_definition(normalize):
         scale = [max(1, sum(s["loss_mask"][1:])) for s in train + valid]
     else:
         scale = [float(g.norm()) for g in Ga + Gb]
-    Na = [g / c for g, c in zip(Ga, scale[:4])]
-    Nb = [g / c for g, c in zip(Gb, scale[4:])]
+    Na = [g / c for g, c in zip(Ga, scale[:4], strict=True)]
+    Nb = [g / c for g, c in zip(Gb, scale[4:], strict=True)]
     expected = np.array([[frob(a, b) for b in Nb] for a in Na])
     v = Valuator(model, normalize=normalize, progress=False)
     np.testing.assert_allclose(v.pairwise(train, valid), expected, rtol=1e-5)
@@ -77,7 +75,7 @@ def test_token_values_sum_to_the_value():
     train, valid = random_samples(3, seed=9), random_samples(2, seed=10)
     v = Valuator(model, progress=False)
     values, tokens = v.score(train, v.reference(valid), token_values=True)
-    for value, sample, tv in zip(values, train, tokens):
+    for value, sample, tv in zip(values, train, tokens, strict=True):
         assert tv.values.sum() == pytest.approx(value, rel=1e-12)
         assert list(tv.positions) == [k for k, m in enumerate(sample["loss_mask"]) if m and k > 0]
         assert list(tv.token_ids) == [sample["input_ids"][k] for k in tv.positions]
@@ -128,5 +126,5 @@ def test_non_finite_hidden_states_are_refused():
     model = load_model(hf, dtype=torch.float64)
     v = Valuator(model, progress=False)
     sample = {"id": "poisoned", "input_ids": [3, 7, 5], "loss_mask": [0, 1, 1]}
-    with pytest.raises(SampleError, match="'poisoned'.*non-finite"):
+    with pytest.raises(SampleError, match=r"'poisoned'.*non-finite"):
         v.self_value([sample])
