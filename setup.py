@@ -27,7 +27,8 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.4"],
-        "test": ["pytest>=8", "triton==3.6.0", "ruff>=0.6"],
+        "lora": ["peft>=0.13"],
+        "test": ["pytest>=8", "hypothesis>=6", "triton==3.6.0", "peft>=0.13", "ruff>=0.6"],
     },
     entry_points={"console_scripts": ["forvalue=forvalue.bindings.cli:main"]},
 )

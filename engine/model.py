@@ -103,9 +103,10 @@ def load_model(model: str | os.PathLike | torch.nn.Module = "smollm2-135m", *,
                tokenizer: Any | None = None, device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None, adapter: str | None = None) -> ValuationModel:
     """Load the embedded default, a local Hugging Face causal LM (path or cached id), or
-    wrap a model object already built. Float32 on CPU and bfloat16 on CUDA by default."""
-    if adapter is not None:
-        raise ModelError("LoRA adapters are not supported yet; merge the adapter into the model first")
+    wrap a model object already built. Float32 on CPU and bfloat16 on CUDA by default.
+
+    ``adapter``: a local PEFT (LoRA) adapter folder; it is merged into the weights, so values
+    are those of the adapted model."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _resolve_dtype(dtype, device)
     if isinstance(model, torch.nn.Module):
@@ -116,7 +117,25 @@ def load_model(model: str | os.PathLike | torch.nn.Module = "smollm2-135m", *,
         hf_model, loaded_tokenizer = _load_pretrained(path, dtype)
         hf_model = hf_model.to(device)
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+    if adapter is not None:
+        hf_model = _merge_adapter(hf_model, str(adapter))
+        name = f"{name}+{adapter}"
     return _wrap(hf_model, tokenizer, name)
+
+
+def _merge_adapter(hf_model: torch.nn.Module, adapter: str) -> torch.nn.Module:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ModelError("adapters need the peft package: pip install 'forvalue[lora]'") from None
+    if not (Path(adapter) / "adapter_config.json").exists():
+        raise ModelError(f"{adapter!r} is not a local PEFT adapter folder (no adapter_config.json); "
+                         "forvalue never downloads from a hub")
+    try:
+        adapted = PeftModel.from_pretrained(hf_model, adapter, is_trainable=False)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise ModelError(f"cannot apply adapter {adapter!r} to this model: {exc}") from None
+    return adapted.merge_and_unload()
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from forvalue import kernels
 
 from .forward import LabelStates, label_states

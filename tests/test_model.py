@@ -3,9 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from forvalue.engine import ModelError, ReferenceMismatch, Valuator, load_model
-from tiny_models import SIZES, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from forvalue.engine import ModelError, ReferenceMismatch, Valuator, load_model
+
+from tiny_models import SIZES, tiny_model
 
 
 class DoubledLogits(LlamaForCausalLM):
@@ -47,11 +49,9 @@ def test_unknown_model_never_reaches_a_hub():
         load_model("no-such-org/no-such-model")
 
 
-def test_bad_dtype_and_adapter_are_clear_errors():
+def test_bad_dtype_is_a_clear_error():
     with pytest.raises(ModelError, match="unknown dtype"):
         load_model(tiny_model("tied"), dtype="float8")
-    with pytest.raises(ModelError, match="adapters"):
-        load_model(tiny_model("tied"), adapter="some/adapter")
 
 
 def test_reference_from_another_tokenizer_is_refused(tiny_tokenizer, generation_tokenizer):

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 import torch
+
 from forvalue.engine import Reference, ReferenceMismatch, SampleError, Valuator, load_model
+
 from tiny_models import autograd_gradient, random_samples, tiny_model
 
 KINDS = ["tied", "untied", "bias", "softcap", "scale"]
