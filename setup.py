@@ -28,7 +28,9 @@ setup(
     extras_require={
         "triton": ["triton>=3.4"],
         "lora": ["peft>=0.13"],
-        "test": ["pytest>=8", "hypothesis>=6", "triton==3.6.0", "peft>=0.13", "ruff>=0.6"],
+        "data": ["datasets>=2.14"],
+        "test": ["pytest>=8", "hypothesis>=6", "triton==3.6.0", "peft>=0.13", "datasets>=2.14",
+                 "ruff>=0.6"],
     },
     entry_points={"console_scripts": ["forvalue=forvalue.bindings.cli:main"]},
 )

@@ -82,17 +82,19 @@ class EncodedSample:
 class SampleList(list):
     """A list of sample dicts read from a file, which remembers where each came from."""
 
-    def __init__(self, samples: Iterable[Any] = (), *, source: str, lines: Sequence[int] = ()) -> None:
+    def __init__(self, samples: Iterable[Any] = (), *, source: str, lines: Sequence[int] = (),
+                 unit: str = "line") -> None:
         super().__init__(samples)
         self.source = source
         self.lines = list(lines)
+        self.unit = unit  # "line" of a text file, "row" of a table
         if len(self.lines) != len(self):
             raise ValueError(f"{len(self)} samples but {len(self.lines)} line numbers")
 
     def where(self, index: int) -> str:
         # Samples appended after reading have no line: fall back to their position.
         if index < len(self.lines):
-            return f"{self.source} line {self.lines[index]}"
+            return f"{self.source} {self.unit} {self.lines[index]}"
         return f"index {index}"
 
 
