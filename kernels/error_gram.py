@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
+from .error_outer import ErrorChunks, accumulate_mm, write_errors
 from .logits import LogitTransform, check_inputs, chunk_error, compute_dtype, vocab_chunks
-from .vocab_logsumexp import vocab_logsumexp_torch
+from .triton_utils import HAVE_TRITON
+from .vocab_logsumexp import vocab_logsumexp_torch, vocab_logsumexp_triton
 
 
 def error_gram_torch(Ha: torch.Tensor, la: torch.Tensor, Hb: torch.Tensor, lb: torch.Tensor,
@@ -25,11 +27,29 @@ def error_gram_torch(Ha: torch.Tensor, la: torch.Tensor, Hb: torch.Tensor, lb: t
     return out
 
 
+def _error_gram_triton(Ha: torch.Tensor, la: torch.Tensor, Hb: torch.Tensor, lb: torch.Tensor,
+                       W: torch.Tensor, transform: LogitTransform) -> torch.Tensor:
+    # Per vocabulary chunk, kernels write both sides' errors and a GEMM adds Ea Eb^T: the gram
+    # costs Ta Tb V on tensor cores instead of recomputing logits per tile pair.
+    Ta, Tb = Ha.shape[0], Hb.shape[0]
+    lse_a, _ = vocab_logsumexp_triton(Ha, W, la, transform)
+    lse_b, _ = vocab_logsumexp_triton(Hb, W, lb, transform)
+    out = torch.zeros((Ta, Tb), dtype=torch.float32, device=Ha.device)
+    for start, parts in ErrorChunks(Ha, Ta + Tb, W.shape[0], transposed=False):
+        write_errors(Ha, W, la, None, lse_a, transform, start, [p[:Ta] for p in parts])
+        write_errors(Hb, W, lb, None, lse_b, transform, start, [p[Ta:] for p in parts])
+        accumulate_mm([p[:Ta] for p in parts], [p[Ta:].T for p in parts], out)
+    return out
+
+
+error_gram_triton = _error_gram_triton if HAVE_TRITON else None
+
+
 def error_gram(Ha: torch.Tensor, la: torch.Tensor, Hb: torch.Tensor, lb: torch.Tensor,
                W: torch.Tensor, *, bias: torch.Tensor | None = None, scale: float | None = None,
                softcap: float | None = None, backend: dispatch.Backend = "auto") -> torch.Tensor:
     """``(Ta, Tb)`` matrix of ``e_t . e_s``, exact over the whole vocabulary."""
     check_inputs(Ha, W, la, bias, scale, softcap)
     check_inputs(Hb, W, lb, bias, scale, softcap)
-    impl = dispatch.pick("error_gram", backend, Ha.device, error_gram_torch, None)
+    impl = dispatch.pick("error_gram", backend, error_gram_torch, error_gram_triton, Ha, W, Hb, bias)
     return impl(Ha, la, Hb, lb, W, LogitTransform(bias, scale, softcap))
