@@ -10,6 +10,7 @@ shows the trace. Anything else is a bug and is raised.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -32,9 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score(commands)
     _add_select(commands)
     _add_merge(commands)
-    _add_serve(commands)
-    _add_stream(commands)
-    _add_eval(commands)
+    _add_delegated(commands, "serve", "run the gRPC valuation server", "forvalue.bindings.server",
+                   "add_serve_arguments", "run_serve")
+    _add_delegated(commands, "stream", "stream a JSONL file through a server (resumable)",
+                   "forvalue.bindings.client", "add_stream_arguments", "run_stream")
+    _add_delegated(commands, "eval", "the paper's quality tasks against gradient baselines",
+                   "forvalue.bench.eval", "add_eval_arguments", "run_eval")
     return parser
 
 
@@ -194,47 +198,18 @@ def _run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_serve(commands: argparse._SubParsersAction) -> None:
-    from .server import add_serve_arguments
-
-    serve = commands.add_parser("serve", help="run the gRPC valuation server")
-    add_serve_arguments(serve)
-    serve.set_defaults(handler=_run_serve)
-
-
-def _run_serve(args: argparse.Namespace) -> int:
-    from .server import run_serve
-
-    return run_serve(args)
+def _add_delegated(commands: argparse._SubParsersAction, name: str, help_text: str, module: str,
+                   add_arguments: str, run: str) -> None:
+    """A subcommand whose options and handler live in another module (server, client, eval)."""
+    target = importlib.import_module(module)
+    parser = commands.add_parser(name, help=help_text)
+    getattr(target, add_arguments)(parser)
+    # run_serve and run_stream return an exit status, run_eval its results.
+    parser.set_defaults(handler=lambda args: _exit_status(getattr(target, run)(args)))
 
 
-def _add_stream(commands: argparse._SubParsersAction) -> None:
-    from .client import add_stream_arguments
-
-    stream = commands.add_parser("stream", help="stream a JSONL file through a server (resumable)")
-    add_stream_arguments(stream)
-    stream.set_defaults(handler=_run_stream)
-
-
-def _run_stream(args: argparse.Namespace) -> int:
-    from .client import run_stream
-
-    return run_stream(args)
-
-
-def _add_eval(commands: argparse._SubParsersAction) -> None:
-    from forvalue.bench.eval import add_eval_arguments
-
-    evaluate = commands.add_parser("eval", help="the paper's quality tasks against gradient baselines")
-    add_eval_arguments(evaluate)
-    evaluate.set_defaults(handler=_run_eval)
-
-
-def _run_eval(args: argparse.Namespace) -> int:
-    from forvalue.bench.eval import run_eval
-
-    run_eval(args)
-    return 0
+def _exit_status(result: object) -> int:
+    return result if isinstance(result, int) else 0
 
 
 def _read_jsonl(path: Path) -> list[dict]:
