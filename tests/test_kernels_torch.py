@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from forvalue.kernels import (
     error_gram,
     error_outer,
@@ -10,6 +11,7 @@ from forvalue.kernels import (
     set_memory_budget,
     vocab_logsumexp,
 )
+
 from kernel_reference import dense_errors, random_problem
 
 TRANSFORMS = [

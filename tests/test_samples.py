@@ -4,6 +4,7 @@ import json
 import pickle
 
 import pytest
+
 from forvalue.engine.samples import (
     EncodedSample,
     SampleError,

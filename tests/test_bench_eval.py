@@ -1,0 +1,60 @@
+"""``run_eval`` end to end on a tiny random model saved as a local model folder."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import CHATML, make_tokenizer
+
+from forvalue.bench.eval import METHOD_NAMES, add_eval_arguments, run_eval
+
+from tiny_models import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny_model("tied").to(torch.float32).save_pretrained(path)
+    make_tokenizer(CHATML).save_pretrained(path)
+    return path
+
+
+def _args(*argv):
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.slow
+def test_mislabeled_every_method_writes_results_and_plots(model_dir, tmp_path):
+    result = run_eval(_args("--task", "mislabeled", "--model", str(model_dir), "--out", str(tmp_path)))
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written == json.loads(json.dumps(result))
+    assert written["task"] == "mislabeled" and written["model"] == str(model_dir)
+    assert set(written["methods"]) == set(METHOD_NAMES)
+    for entry in written["methods"].values():
+        for key in ("auc_mean", "auc_std", "recall_mean", "seconds", "peak_mb"):
+            assert np.isfinite(entry[key]), key
+    autograd = written["methods"]["autograd-lastlayer"]
+    assert autograd["max_rel_diff_vs_forvalue"] < 1e-4
+    assert written["methods"]["datainf"]["warmup_seconds"] > 0
+    for png in ("roc.png", "distributions.png", "time_auc.png"):
+        assert (tmp_path / png).stat().st_size > 0
+    assert set(np.load(tmp_path / "values.npz").files) == set(METHOD_NAMES)
+
+
+def test_identification_runs_the_chosen_methods_per_pair(model_dir, tmp_path):
+    result = run_eval(_args("--task", "math", "--model", str(model_dir), "--out", str(tmp_path),
+                            "--methods", "forvalue-response,tfidf-cosine,forvalue-pairwise-all",
+                            "--no-plots"))
+    # forvalue-pairwise-* is the same as forvalue-* on identification tasks: not run twice.
+    assert set(result["methods"]) == {"forvalue-response", "tfidf-cosine"}
+    assert np.load(tmp_path / "values.npz")["forvalue-response"].shape == (40, 10)
+
+
+def test_unknown_method_is_refused(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="unknown method"):
+        run_eval(_args("--task", "math", "--model", str(model_dir), "--out", str(tmp_path),
+                       "--methods", "forvalue-nope"))

@@ -1,0 +1,191 @@
+"""Task generators (seeded, sized right, well-formed samples) and quality metrics."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from forvalue.bench import metrics
+from forvalue.bench.tasks import (
+    CORRUPT_SHARE,
+    FILLERS,
+    FLIP_SHARE,
+    TASKS,
+    TOPICS,
+    TRANSFORMATIONS,
+    corrupt,
+    make_task,
+    sample_text,
+)
+from forvalue.engine.samples import encode_sample
+
+# (train, valid) counts per class at each size; selection: totals.
+SIZES = {
+    "sentence": {"small": (4, 1), "full": (90, 10)},
+    "math": {"small": (4, 1), "full": (90, 10)},
+    "math-reason": {"small": (4, 1), "full": (90, 10)},
+    "mislabeled": {"small": (8, 2), "full": (90, 10)},
+}
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_same_seed_same_samples_other_seed_other_samples(name):
+    assert make_task(name, "small", seed=3) == make_task(name, "small", seed=3)
+    assert make_task(name, "small", seed=3).train != make_task(name, "small", seed=4).train
+
+
+@pytest.mark.parametrize("name", [*SIZES])
+@pytest.mark.parametrize("size", ["small", "full"])
+def test_sizes_per_class(name, size):
+    task = make_task(name, size)
+    n_train, n_valid = SIZES[name][size]
+    n_classes = 10 if task.kind == "identification" else len(TOPICS)
+    assert np.bincount(task.train_meta("class")).tolist() == [n_train] * n_classes
+    assert np.bincount(task.valid_meta("class")).tolist() == [n_valid] * n_classes
+
+
+@pytest.mark.parametrize(("size", "counts"), [("small", (32, 8)), ("full", (400, 40))])
+def test_selection_sizes(size, counts):
+    task = make_task("selection", size)
+    assert (len(task.train), len(task.valid)) == counts
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_samples_are_valid_forms_with_unique_ids(name, tiny_tokenizer):
+    task = make_task(name, "small")
+    for i, sample in enumerate(task.train + task.valid):
+        encoded = encode_sample(sample, tiny_tokenizer, where=f"index {i}", loss_on="response")
+        assert encoded.num_labels > 0
+    ids = [s["id"] for s in task.train + task.valid]
+    assert len(set(ids)) == len(ids)
+
+
+def test_transformations_on_an_example():
+    expected = ["cat red big", "bIg ReD cAt", "big 1 red 1 cat", "b*g r*d c*t", "bbigg rredd ccatt",
+                "Big Red Cat", "bg rd ct", "bigly redly catly", "i e a", "big big red red cat cat"]
+    assert [transform("big red cat") for _, _, transform in TRANSFORMATIONS] == expected
+
+
+def test_sentence_prompt_names_its_chatbot_and_response_is_the_transformation():
+    task = make_task("sentence", "small")
+    for sample in task.train:
+        name, description, transform = TRANSFORMATIONS[sample["meta"]["class"]]
+        assert sample["prompt"].startswith(f"{name} is a chatbot that {description}. For example: ")
+        phrase = sample["prompt"].split("For example: ")[1].removesuffix(" -> ")
+        assert 3 <= len(phrase.split()) <= 5
+        assert sample["response"] == transform(phrase)
+
+
+def test_math_answers_are_right():
+    for name in ("math", "math-reason"):
+        for sample in make_task(name, "small").train:
+            assert sample["prompt"].startswith("Solve the following math problem. ")
+            answer = int(sample["response"].rsplit("Answer: ", 1)[1])
+            if name == "math-reason":
+                formula = sample["response"].removeprefix("Reason: ").split(" = ")[0]
+                assert eval(formula) == answer  # the formula holds only integers and + - * //
+                assert all(1 <= int(n) <= 99 for n in formula.split() if n.isdigit() and n != "100")
+            assert answer >= 0
+
+
+def test_mislabeled_flips_forty_percent_to_a_wrong_class():
+    task = make_task("mislabeled", "full")
+    flipped = task.train_meta("flipped").astype(bool)
+    assert flipped.sum() == round(FLIP_SHARE * len(task.train))
+    given, true = task.train_meta("given"), task.train_meta("class")
+    assert np.all((given != true) == flipped)
+    assert [s["messages"][1]["content"] for s in task.train] == [TOPICS[g] for g in given]
+    assert not task.valid_meta("flipped").any()
+
+
+def test_selection_corrupts_forty_percent_and_leaves_the_rest():
+    task = make_task("selection", "full")
+    clean = task.train_meta("clean_label").astype(bool)
+    assert (~clean).sum() == round(CORRUPT_SHARE * len(task.train))
+    assert task.valid_meta("clean_label").all()
+    # A clean answer ends with a full stop; a corrupted one has lost words or gained fillers.
+    fillers = [any(w in FILLERS for w in s["response"].split()) for s in task.train]
+    assert not any(f for f, c in zip(fillers, clean, strict=True) if c)
+    assert any(f for f, c in zip(fillers, clean, strict=True) if not c)
+
+
+def test_corrupt_deletes_or_inserts_a_span():
+    rng = random.Random(0)
+    answer = "one two three four five six seven eight"
+    for _ in range(200):
+        out = corrupt(answer, rng).split()
+        fillers = [w for w in out if w in FILLERS]
+        if fillers:
+            assert [w for w in out if w not in FILLERS] == answer.split()
+        else:
+            assert 1 <= len(out) < 8 and len(out) == len(set(out))
+
+
+def test_sample_text_covers_every_form():
+    assert sample_text({"prompt": "a ", "response": "b"}) == "a b"
+    assert sample_text({"messages": [{"role": "user", "content": "x"},
+                                     {"role": "assistant", "content": "y"}]}) == "x\ny"
+    assert sample_text({"text": "t"}) == "t"
+
+
+def test_unknown_task_or_size_is_refused():
+    with pytest.raises(ValueError, match="unknown task"):
+        make_task("nope")
+    with pytest.raises(ValueError, match="unknown size"):
+        make_task("math", "huge")
+
+
+# ------------------------------------------------------------------- metrics
+
+
+def test_roc_auc_by_hand():
+    # Positives 0.9, 0.4; negatives 0.8, 0.1: pairs won 2 (0.9 > both), 1 (0.4 > 0.1) of 4.
+    assert metrics.roc_auc([0.9, 0.8, 0.4, 0.1], [1, 0, 1, 0]) == pytest.approx(0.75)
+    assert metrics.roc_auc([1, 1, 0], [1, 0, 0]) == pytest.approx(0.75)  # a tie counts one half
+    assert metrics.roc_auc([3, 2, 1], [1, 1, 0]) == 1.0
+    assert math.isnan(metrics.roc_auc([1, 2], [1, 1]))
+
+
+def test_roc_auc_equals_the_area_under_roc_curve():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, 50).astype(float)  # many ties
+    labels = rng.random(50) < 0.4
+    fpr, tpr = metrics.roc_curve(scores, labels)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(metrics.roc_auc(scores, labels))
+
+
+def test_identification_metrics_by_hand():
+    train_classes = np.array([0, 0, 1, 1])
+    valid_classes = np.array([0, 1])
+    values = np.array([[5.0, 0.0],
+                       [1.0, 3.0],
+                       [2.0, 4.0],
+                       [0.0, 1.0]])
+    # Column 0 (class 0): positives 5, 1 vs negatives 2, 0: 3 of 4 pairs -> 0.75; top 2 = rows 0, 2.
+    # Column 1 (class 1): positives 4, 1 vs negatives 0, 3: 3 of 4 -> 0.75; top 2 = rows 2, 1.
+    result = metrics.identification_metrics(values, train_classes, valid_classes)
+    assert result["auc_mean"] == pytest.approx(0.75)
+    assert result["auc_std"] == pytest.approx(0.0)
+    assert result["recall_mean"] == pytest.approx(0.5)
+    assert result["recall_n"] == 2
+
+
+def test_mislabel_metrics_use_minus_the_value():
+    values = np.array([-3.0, 2.0, -1.0, 4.0, 0.5])
+    flipped = np.array([1, 0, 0, 0, 1])
+    # -values of flipped: 3, -0.5; of clean: -2, 1, -4 -> wins 3 + 2 of 6.
+    result = metrics.mislabel_metrics(values, flipped)
+    assert result["auc_mean"] == pytest.approx(5 / 6)
+    assert result["recall_mean"] == pytest.approx(0.5)  # lowest two: -3 (flipped), -1 (clean)
+    assert result["clean_share_top"] == pytest.approx(2 / 3)  # highest three: 4, 2 clean; 0.5 flipped
+
+
+def test_clean_share_of_a_selection():
+    values = np.arange(10.0)  # highest values last
+    clean = np.array([0, 0, 0, 0, 0, 0, 0, 1, 0, 1])
+    assert metrics.clean_share(values, clean, 0.1) == 1.0  # top 1: index 9
+    assert metrics.clean_share(values, clean, 0.3) == pytest.approx(2 / 3)  # 9, 8, 7
+    result = metrics.selection_metrics(values, clean)
+    assert result["clean_share_0.1"] == 1.0 and result["recall_mean"] == 1.0
+    assert result["clean_share_all"] == pytest.approx(0.2)
