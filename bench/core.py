@@ -228,7 +228,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (one steadies timings on a shared machine)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = load_model(args.model)
     train = synthetic_samples(model.tokenizer, args.samples, seed=0)
