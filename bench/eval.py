@@ -1,0 +1,479 @@
+"""``forvalue eval``: every method of one task on the same model and samples, in one run.
+
+Each method is timed (wall seconds) and its peak resident memory read, the quality metric
+of the task computed, a table printed, ``OUT/results.json`` written (DESIGN.md section 4)
+with the values in ``OUT/values.npz`` and plots: ROC curves, value distributions, time vs AUC.
+
+Method names: ``forvalue-{all,response}`` is exact For-Value as the paper defines it
+(pairwise on identification tasks, a Reference of the validation set otherwise),
+``forvalue-pairwise-...`` the pairwise route where that differs, ``forvalue-mean-...`` the
+same with ``normalize="mean"`` (each G divided by its label count, like the per-token mean
+loss of the LoRA baselines); ``official-...`` the official code's approximations; the rest
+are baselines (bench/baselines.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import baselines, metrics
+from .tasks import SIZES, TASKS, Task, make_task, sample_text
+
+LOSS_ON = ("all", "response")
+
+
+@dataclass
+class Context:
+    """What the methods of one run share: the model, the task and the LoRA gradients."""
+
+    model: Any
+    task: Task
+    loss_on: str  # objective of the official code and the gradient baselines
+    lora_rank: int
+    progress: bool
+    lora: baselines.LoraGradients | None = None
+    lora_cost: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def by_reference(self) -> bool:
+        """Mislabeled and selection value against the validation set as a whole."""
+        return self.task.kind != "identification"
+
+    def reduce(self, matrix: np.ndarray) -> np.ndarray:
+        """A pairwise matrix as the task needs it: per pair, or averaged over validation."""
+        return matrix.mean(axis=1) if self.by_reference else matrix
+
+    def valuator(self, loss_on: str, normalize: str = "none") -> Any:
+        from forvalue.engine import Valuator
+
+        return Valuator(self.model, loss_on=loss_on, normalize=normalize, progress=self.progress)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    run: Callable[[Context], np.ndarray]
+    group: str  # "exact" | "official" | "gradient" | "similarity"
+    loss_on: str | None = None  # None: the context's
+    uses_lora: bool = False
+    reference_only: bool = False  # only where the task values against the whole set
+
+
+# ----------------------------------------------------------------- the methods
+
+
+def _forvalue(loss_on: str, route: str, normalize: str = "none") -> Callable[[Context], np.ndarray]:
+    def run(ctx: Context) -> np.ndarray:
+        valuator = ctx.valuator(loss_on, normalize)
+        if route == "reference" and ctx.by_reference:
+            return valuator.score(ctx.task.train, valuator.reference(ctx.task.valid))
+        return ctx.reduce(valuator.pairwise(ctx.task.train, ctx.task.valid))
+
+    return run
+
+
+def _official(**options: Any) -> Callable[[Context], np.ndarray]:
+    def run(ctx: Context) -> np.ndarray:
+        from forvalue.engine.parity import official_values
+
+        values = official_values(ctx.valuator(ctx.loss_on), ctx.task.train, ctx.task.valid, **options)
+        return ctx.reduce(values)
+
+    return run
+
+
+def _autograd(ctx: Context) -> np.ndarray:
+    return baselines.autograd_values(ctx.model, ctx.task.train, ctx.task.valid, loss_on=ctx.loss_on,
+                                     reference=ctx.by_reference)
+
+
+def _lora(score: Callable[[baselines.LoraGradients], np.ndarray]) -> Callable[[Context], np.ndarray]:
+    return lambda ctx: ctx.reduce(score(ctx.lora))
+
+
+def _datainf(grads: baselines.LoraGradients) -> np.ndarray:
+    return baselines.datainf_values(grads.blocks(grads.train), grads.blocks(grads.valid))
+
+
+def _representation(ctx: Context) -> np.ndarray:
+    return ctx.reduce(baselines.representation_similarity(ctx.model, ctx.task.train, ctx.task.valid))
+
+
+def _tfidf(ctx: Context) -> np.ndarray:
+    texts = [sample_text(s) for s in ctx.task.train], [sample_text(s) for s in ctx.task.valid]
+    return ctx.reduce(baselines.tfidf_similarity(*texts))
+
+
+METHODS: tuple[Method, ...] = (
+    Method("forvalue-all", _forvalue("all", "reference"), "exact", loss_on="all"),
+    Method("forvalue-response", _forvalue("response", "reference"), "exact", loss_on="response"),
+    Method("forvalue-pairwise-all", _forvalue("all", "pairwise"), "exact", loss_on="all",
+           reference_only=True),
+    Method("forvalue-pairwise-response", _forvalue("response", "pairwise"), "exact",
+           loss_on="response", reference_only=True),
+    # Each G divided by its label count: the per-token mean loss the LoRA baselines use.
+    Method("forvalue-mean-all", _forvalue("all", "reference", "mean"), "exact", loss_on="all"),
+    Method("forvalue-mean-response", _forvalue("response", "reference", "mean"), "exact",
+           loss_on="response"),
+    Method("official-total", _official(vocabulary="total_unique"), "official"),
+    Method("official-topk5", _official(vocabulary="topk_unique", top_k=5), "official"),
+    Method("official-llr0.1", _official(vocabulary="total_unique", lowest_likelihood_ratio=0.1),
+           "official"),
+    Method("autograd-lastlayer", _autograd, "gradient"),
+    Method("lora-tracin", _lora(baselines.tracin_values), "gradient", uses_lora=True),
+    Method("lora-less", _lora(baselines.less_values), "gradient", uses_lora=True),
+    Method("datainf", _lora(_datainf), "gradient", uses_lora=True),
+    Method("repr-cosine", _representation, "similarity"),
+    Method("tfidf-cosine", _tfidf, "similarity"),
+)
+METHOD_NAMES = tuple(m.name for m in METHODS)
+
+
+def methods_for(task: Task, names: list[str] | None) -> list[Method]:
+    """The methods to run on ``task`` (all that apply when ``names`` is None)."""
+    if names:
+        unknown = sorted(set(names) - set(METHOD_NAMES))
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHOD_NAMES)}")
+    chosen = [m for m in METHODS if names is None or m.name in names]
+    chosen = [m for m in chosen if task.kind != "identification" or not m.reference_only]
+    if any(m.uses_lora for m in chosen):
+        _require_peft()
+    return chosen
+
+
+def _require_peft() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        lora = ", ".join(m.name for m in METHODS if m.uses_lora)
+        raise ValueError(f"the LoRA baselines ({lora}) need peft: pip install peft, or leave them "
+                         f"out with --methods")
+
+
+# ------------------------------------------------------------- measuring
+
+
+@dataclass
+class Measurement:
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0  # process CPU time, all threads: robust to other load on the machine
+    peak_mb: float = 0.0
+    extra_mb: float = 0.0  # peak above the resident memory when the method started
+    gpu_peak_mb: float | None = None  # torch's peak CUDA allocation, when CUDA is in use
+
+
+def _rss_mb(field_name: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+    return math.nan
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0) so that each method gets its own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def measure() -> Any:
+    """Wall seconds and peak RSS (MB) of the block. Without a resettable peak (not Linux),
+    the peak is the process's peak so far: an upper bound."""
+    result = Measurement()
+    if _reset_peak():
+        start_mb = _rss_mb("VmRSS")
+        read_peak = lambda: _rss_mb("VmHWM")  # noqa: E731
+    else:
+        import resource
+
+        start_mb = math.nan
+        read_peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731
+    cuda = _cuda_in_use()
+    if cuda is not None:
+        cuda.synchronize()
+        cuda.reset_peak_memory_stats()
+    start, start_cpu = time.perf_counter(), time.process_time()
+    try:
+        yield result
+    finally:
+        if cuda is not None:
+            cuda.synchronize()
+            result.gpu_peak_mb = cuda.max_memory_allocated() / 2**20
+        result.seconds = time.perf_counter() - start
+        result.cpu_seconds = time.process_time() - start_cpu
+        result.peak_mb = read_peak()
+        result.extra_mb = result.peak_mb - start_mb
+
+
+def _cuda_in_use() -> Any:
+    import torch
+
+    return torch.cuda if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def score_values(task: Task, values: np.ndarray) -> dict[str, float]:
+    if task.kind == "identification":
+        return metrics.identification_metrics(values, task.train_meta("class"), task.valid_meta("class"))
+    if task.kind == "mislabeled":
+        return metrics.mislabel_metrics(values, task.train_meta("flipped"))
+    return metrics.selection_metrics(values, task.train_meta("clean_label"))
+
+
+def _relative_difference(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+# ------------------------------------------------------------------ running
+
+
+def evaluate(model: Any, task: Task, methods: list[Method], *, loss_on: str | None = None,
+             lora_rank: int = 8, progress: bool = False,
+             repeat: int = 1) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """Run ``methods`` on ``task``; per method its metrics and costs, and its values.
+
+    With ``repeat > 1`` every method (the LoRA warm-up and gradients too) runs that many
+    rounds; times are the minimum over rounds and memory the maximum, which keeps other load
+    on a shared machine out of the numbers as far as it can be.
+    """
+    ctx = Context(model, task, loss_on or task.loss_on, lora_rank, progress)
+    _warm_up(ctx)
+    rounds = []
+    for number in range(repeat):
+        if repeat > 1:
+            print(f" round {number + 1} of {repeat}", flush=True)
+        ctx.lora = None
+        rounds.append(_run_round(ctx, methods))
+    results, values = rounds[-1]
+    if repeat > 1:
+        results = _merge_rounds([r for r, _ in rounds])
+    _check_autograd(ctx, results, values)
+    return results, values
+
+
+def _run_round(ctx: Context, methods: list[Method]) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    results: dict[str, dict] = {}
+    values: dict[str, np.ndarray] = {}
+    for method in methods:
+        if method.uses_lora and ctx.lora is None:
+            _lora_gradients(ctx)
+        with measure() as cost:
+            values[method.name] = np.asarray(method.run(ctx), dtype=np.float64)
+        results[method.name] = _entry(ctx, method, values[method.name], cost)
+        print(f"  {method.name}: {results[method.name]['seconds']:.1f} s", flush=True)
+    return results, values
+
+
+_TIMES = ("seconds", "cpu_seconds", "own_seconds", "warmup_seconds", "gradient_seconds")
+_MEMORY = ("peak_mb", "extra_mb", "gpu_peak_mb")
+
+
+def _merge_rounds(rounds: list[dict[str, dict]]) -> dict[str, dict]:
+    merged = {}
+    for name, entry in rounds[-1].items():
+        entry = dict(entry, seconds_rounds=[r[name]["seconds"] for r in rounds])
+        for key in _TIMES:
+            if key in entry:
+                entry[key] = min(r[name][key] for r in rounds)
+        for key in _MEMORY:
+            if entry.get(key) is not None:
+                entry[key] = max(r[name][key] for r in rounds)
+        merged[name] = entry
+    return merged
+
+
+def _warm_up(ctx: Context) -> None:
+    """Run For-Value once on two samples, so that the first method timed does not pay for lazy
+    initialisation or (on CUDA) kernel compilation."""
+    valuator = ctx.valuator("all")
+    train, valid = ctx.task.train[:2], ctx.task.valid[:1]
+    valuator.pairwise(train, valid)
+    valuator.score(train, valuator.reference(valid))
+
+
+def _lora_gradients(ctx: Context) -> None:
+    with measure() as cost:
+        ctx.lora = baselines.lora_gradients(ctx.model, ctx.task.train, ctx.task.valid,
+                                            loss_on=ctx.loss_on, rank=ctx.lora_rank)
+    ctx.lora_cost = {"warmup_seconds": ctx.lora.warmup_seconds,
+                     "gradient_seconds": ctx.lora.gradient_seconds,
+                     "gradient_cpu_seconds": ctx.lora.gradient_cpu_seconds,
+                     "peak_mb": cost.peak_mb, "extra_mb": cost.extra_mb,
+                     "gpu_peak_mb": cost.gpu_peak_mb}
+    print(f"  LoRA warm-up {ctx.lora.warmup_seconds:.1f} s, per-sample gradients "
+          f"{ctx.lora.gradient_seconds:.1f} s", flush=True)
+
+
+def _entry(ctx: Context, method: Method, values: np.ndarray, cost: Measurement) -> dict[str, Any]:
+    entry: dict[str, Any] = {**score_values(ctx.task, values)}
+    entry.update(seconds=cost.seconds, cpu_seconds=cost.cpu_seconds, peak_mb=cost.peak_mb,
+                 extra_mb=cost.extra_mb, gpu_peak_mb=cost.gpu_peak_mb, group=method.group,
+                 loss_on=method.loss_on or ctx.loss_on,
+                 values="pairwise" if values.ndim == 2 else "reference")
+    if method.uses_lora:
+        # The per-sample gradients are computed once and shared; a user running this method
+        # alone pays for them, so they count in its seconds (the warm-up is reported apart).
+        entry.update(own_seconds=cost.seconds, seconds=cost.seconds + ctx.lora_cost["gradient_seconds"],
+                     cpu_seconds=cost.cpu_seconds + ctx.lora_cost["gradient_cpu_seconds"],
+                     warmup_seconds=ctx.lora_cost["warmup_seconds"],
+                     gradient_seconds=ctx.lora_cost["gradient_seconds"],
+                     peak_mb=max(cost.peak_mb, ctx.lora_cost["peak_mb"]),
+                     gpu_peak_mb=_max_or_none(cost.gpu_peak_mb, ctx.lora_cost["gpu_peak_mb"]),
+                     extra_mb=max(cost.extra_mb, ctx.lora_cost["extra_mb"]))
+    return entry
+
+
+def _max_or_none(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else max(a, b)
+
+
+def _check_autograd(ctx: Context, results: dict[str, dict], values: dict[str, np.ndarray]) -> None:
+    """The autograd baseline computes For-Value's number: record how far apart they are."""
+    exact = f"forvalue-{ctx.loss_on}"
+    if "autograd-lastlayer" in values and exact in values:
+        results["autograd-lastlayer"]["max_rel_diff_vs_forvalue"] = _relative_difference(
+            values["autograd-lastlayer"], values[exact])
+    for loss_on in LOSS_ON:
+        pair, ref = f"forvalue-pairwise-{loss_on}", f"forvalue-{loss_on}"
+        if pair in values and ref in values:
+            results[pair]["max_rel_diff_vs_reference"] = _relative_difference(values[pair], values[ref])
+
+
+# --------------------------------------------------------------------- output
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The printed table: metric mean +- std, wall seconds and peak memory per method."""
+    kind = result["kind"]
+    metric = {"identification": "AUC", "mislabeled": "AUC(-v, flipped)", "selection": "AUC(v, clean)"}[kind]
+    second = {"identification": "recall@n", "mislabeled": "flipped@n", "selection": "clean@0.1"}[kind]
+    lines = [f"task {result['task']} ({result['size']}, {result['n_train']} train x {result['n_valid']} "
+             f"valid), model {result['model']}, device {result['device']}",
+             f"{'method':28s} {'loss_on':9s} {metric:>17s} {second:>16s} {'seconds':>9s} "
+             f"{'cpu s':>7s} {'peak MB':>8s}  note"]
+    for name, m in result["methods"].items():
+        lines.append(f"{name:28s} {m['loss_on']:9s} {m['auc_mean']:9.3f} +- {m['auc_std']:.3f} "
+                     f"{_second_metric(m):>16s} {m['seconds']:9.1f} {m['cpu_seconds']:7.1f} "
+                     f"{m['peak_mb']:8.0f}  {_note(m)}")
+    return "\n".join(lines)
+
+
+def _second_metric(m: dict[str, Any]) -> str:
+    if "recall_std" in m:
+        return f"{m['recall_mean']:.3f} +- {m['recall_std']:.3f}"
+    if "clean_share_0.3" in m:
+        return f"{m['recall_mean']:.3f} (0.3: {m['clean_share_0.3']:.2f})"
+    return f"{m['recall_mean']:.3f}"
+
+
+def _note(m: dict[str, Any]) -> str:
+    notes = []
+    if "warmup_seconds" in m:
+        notes.append(f"+ {m['warmup_seconds']:.1f} s warm-up")
+    if "max_rel_diff_vs_forvalue" in m:
+        notes.append(f"vs forvalue: {m['max_rel_diff_vs_forvalue']:.1e} rel")
+    if "max_rel_diff_vs_reference" in m:
+        notes.append(f"vs reference: {m['max_rel_diff_vs_reference']:.1e} rel")
+    return "; ".join(notes)
+
+
+def write_outputs(out: Path, result: dict[str, Any], values: dict[str, np.ndarray], task: Task,
+                  plots: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    np.savez_compressed(out / "values.npz", **values)
+    if plots:
+        from .plots import plot_all
+
+        plot_all(out, result, values, task)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``forvalue eval``."""
+    parser.add_argument("--task", required=True, choices=[*TASKS, "all"],
+                        help="the task to run; 'all' runs each into OUT/TASK/")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma-separated methods (default: all that apply): {', '.join(METHOD_NAMES)}")
+    parser.add_argument("--model", default="smollm2-135m", help="embedded name or local model folder")
+    parser.add_argument("--size", default="small", choices=SIZES)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the task generator")
+    parser.add_argument("--loss-on", default=None, choices=LOSS_ON,
+                        help="objective of the official code and gradient baselines "
+                             "(default: the task's: all for identification, response otherwise)")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default=None,
+                        help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of every method; times are the minimum over rounds")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--progress", action="store_true", help="show progress bars")
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``forvalue eval``; returns the results (``{"model", "tasks": {...}}`` for 'all')."""
+    from forvalue.engine import load_model
+
+    names = [n.strip() for n in args.methods.split(",") if n.strip()] if args.methods else None
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    out = Path(args.out)
+    if args.task != "all":
+        return _run_task(model, args, args.task, names, out)
+    tasks = {name: _run_task(model, args, name, names, out / name) for name in TASKS}
+    return {"model": args.model, "tasks": tasks}
+
+
+def _run_task(model: Any, args: argparse.Namespace, name: str, names: list[str] | None,
+              out: Path) -> dict[str, Any]:
+    task = make_task(name, args.size, args.seed)
+    methods = methods_for(task, names)
+    print(f"{name} ({args.size}): {len(task.train)} train, {len(task.valid)} valid, "
+          f"{len(methods)} methods", flush=True)
+    load_before = os.getloadavg()[0]
+    results, values = evaluate(model, task, methods, loss_on=args.loss_on, lora_rank=args.lora_rank,
+                               progress=args.progress, repeat=args.repeat)
+    result = {"task": name, "model": args.model, "methods": results, "kind": task.kind,
+              "size": args.size, "seed": args.seed, "n_train": len(task.train),
+              "n_valid": len(task.valid), "loss_on": args.loss_on or task.loss_on,
+              "repeat": args.repeat, "device": str(model.device),
+              "dtype": str(model.dtype).replace("torch.", ""),
+              "threads": _threads(), "load_average": [load_before, os.getloadavg()[0]]}
+    print(format_table(result), flush=True)
+    write_outputs(out, result, values, task, plots=not args.no_plots)
+    return result
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m forvalue.bench.eval", description=__doc__)
+    add_eval_arguments(parser)
+    run_eval(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
