@@ -10,8 +10,9 @@ import pytest
 T, V, D = 2048, 262144, 64
 LOGITS_BYTES = T * V * 4  # one fp32 T x V matrix: 2 GiB
 
-# Runs in a fresh process so that ru_maxrss reflects this op alone; the baseline is taken
-# after the inputs exist, and the float64 check runs on a slice of tokens only.
+# Runs in a fresh process; the baseline is taken after the inputs exist. ru_maxrss after the op
+# is the larger of the op's peak and any earlier one (imports), so peak - base bounds the op's
+# extra memory from above. The float64 check runs on a slice of tokens only.
 SCRIPT = textwrap.dedent(f"""
     import json, resource, sys, torch
     from forvalue import kernels
@@ -24,7 +25,6 @@ SCRIPT = textwrap.dedent(f"""
     def rss():
         return int(open("/proc/self/statm").read().split()[1]) * 4096
     base = rss()
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 <= base * 1.05
     if op == "vocab_logsumexp":
         out = kernels.vocab_logsumexp(H, W, labels)[0]
     elif op == "reference_score":
