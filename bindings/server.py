@@ -168,11 +168,17 @@ class ValuationServer:
         if self.draining:
             return
         self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         await self._health.enter_graceful_shutdown()
         for stream in list(self.streams):
             stream.stop_reading()
+        # While the accepted work finishes, new calls reach the servicer and get UNAVAILABLE
+        # (retry elsewhere); once the gRPC server is stopped, its core would CANCEL them instead.
+        while self.open_calls and loop.time() < deadline:
+            await asyncio.sleep(0.05)
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(max(0.0, deadline - loop.time()))
         if self.engine is not None:
             await self.engine.close()
 

@@ -457,9 +457,11 @@ def test_drain_answers_what_was_accepted_and_refuses_new_calls(make_server):
         wait_for(lambda: in_engine(server) == 25)
         draining = asyncio.run_coroutine_threadsafe(server.server.drain(grace=30), server.loop)
         wait_for(lambda: server.server.draining)
+        time.sleep(0.3)  # the whole drain window, not only its first instant, refuses with UNAVAILABLE
         with Client(server.address, timeout=5) as late, pytest.raises(ServerError) as caught:
             list(late.score_stream(TRAIN[:1], reference="valid"))
         assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "draining" in str(caught.value)  # refused by the servicer, not a closed socket
         gate.set()
         draining.result(30)
         release.set()
