@@ -373,7 +373,7 @@ def format_table(result: dict[str, Any]) -> str:
     for name, m in result["methods"].items():
         lines.append(f"{name:28s} {m['loss_on']:9s} {m['auc_mean']:9.3f} +- {m['auc_std']:.3f} "
                      f"{_second_metric(m):>16s} {m['seconds']:9.1f} {m['cpu_seconds']:7.1f} "
-                     f"{m['peak_mb']:8.0f}  {_note(m)}")
+                     f"{m['peak_mb']:8.0f}  {_note(m)}".rstrip())
     return "\n".join(lines)
 
 
