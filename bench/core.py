@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +28,8 @@ import torch
 from forvalue import kernels
 from forvalue.engine import Valuator, load_model
 from forvalue.engine.valuator import _gram_is_cheaper
+
+from .throughput import machine
 
 BATCH = 8
 
@@ -237,8 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(args.model)
     train = synthetic_samples(model.tokenizer, args.samples, seed=0)
     valid = synthetic_samples(model.tokenizer, 8, seed=1)
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                         f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+    result = {"machine": machine(),
               "load_average": os.getloadavg(), "samples": args.samples,
               "a_b": part_a_b(model, train, valid),
               "c": part_c(model, train[:24], [16, 64, 256])}

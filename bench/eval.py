@@ -29,6 +29,7 @@ import numpy as np
 
 from . import baselines, metrics
 from .tasks import SIZES, TASKS, Task, make_task, sample_text
+from .throughput import machine
 
 LOSS_ON = ("all", "response")
 
@@ -457,7 +458,8 @@ def _run_task(model: Any, args: argparse.Namespace, name: str, names: list[str] 
               "n_valid": len(task.valid), "loss_on": args.loss_on or task.loss_on,
               "repeat": args.repeat, "device": str(model.device),
               "dtype": str(model.dtype).replace("torch.", ""),
-              "threads": _threads(), "load_average": [load_before, os.getloadavg()[0]]}
+              "threads": _threads(), "machine": machine(),
+              "load_average": [load_before, os.getloadavg()[0]]}
     print(format_table(result), flush=True)
     write_outputs(out, result, values, task, plots=not args.no_plots)
     return result

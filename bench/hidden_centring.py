@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 from .baselines import encode, log_probs
 from .eval import score_values
 from .tasks import SIZES, make_task
+from .throughput import machine
 
 REFERENCE_TASKS = ("mislabeled", "selection")
 
@@ -137,7 +139,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['task']}: plain value over all label tokens vs the Valuator: "
               f"{r['max_rel_diff_vs_valuator']:.1e} relative")
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        options = sys.argv[1:] if argv is None else argv
+        command = " ".join(["python -m forvalue.bench.hidden_centring", *options])
+        report = {"command": command, "machine": machine(), "tasks": results}
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
