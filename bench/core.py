@@ -27,7 +27,7 @@ import torch
 
 from forvalue import kernels
 from forvalue.engine import Valuator, load_model
-from forvalue.engine.valuator import _gram_is_cheaper
+from forvalue.engine.label_math import gram_is_cheaper
 
 from .throughput import machine
 
@@ -183,7 +183,7 @@ def part_c(model: Any, train: list[dict], valid_lengths: list[int], n_valid: int
         o, t_outer, _ = timed(lambda Tb=Tb: sum(
             _outer_route(H_A, y_A, H_A[j * Tb:(j + 1) * Tb], y_A[j * Tb:(j + 1) * Tb], W, kw)
             for j in range(n_valid)))
-        auto = "gram" if _gram_is_cheaper(len(y_A), Tb, model.hidden_size) else "outer"
+        auto = "gram" if gram_is_cheaper(len(y_A), Tb, model.hidden_size) else "outer"
         out.append({"train_tokens": len(y_A), "valid_samples": n_valid, "valid_tokens": Tb,
                     "gram_s": t_gram, "outer_s": t_outer,
                     "faster": "gram" if t_gram < t_outer else "outer", "auto": auto,

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .label_math import LabelMath
 from .model import ValuationModel
 from .reference import NORMALIZATIONS, Reference
 from .request import Request, RequestStatus
@@ -151,8 +152,8 @@ class AsyncEngine:
                  backend: str = "auto") -> None:
         self.model = model
         self.loss_on = loss_on
-        self.runner = ModelRunner(model, attention=attention, batch_tokens=max_batch_tokens,
-                                  backend=backend)
+        self.runner = ModelRunner(model, attention=attention, batch_tokens=max_batch_tokens)
+        self.math = LabelMath(model, backend)
         self.scheduler = Scheduler(SchedulerConfig(
             max_batch_tokens=max_batch_tokens, max_seqs=max_seqs, max_model_len=model.context_length,
             policy=policy, max_waiting=max_waiting))
@@ -271,7 +272,7 @@ class AsyncEngine:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         self._check_accepting()
         builder = _ReferenceBuilder(normalize, torch.zeros(self.model.head_weight.shape,
-                                                           dtype=self.runner.math_dtype,
+                                                           dtype=self.math.dtype,
                                                            device=self.model.device))
         for index, sample in enumerate(samples):
             await self._wait_for_room()
@@ -304,7 +305,7 @@ class AsyncEngine:
         self._versions[name] = self._versions.get(name, 0) + 1
         info = ReferenceInfo(name, reference.count, reference.normalize,
                              reference.info.get("loss_on", ""), skipped, self._versions[name])
-        mean = reference.mean().to(device=self.model.device, dtype=self.runner.math_dtype)
+        mean = reference.mean().to(device=self.model.device, dtype=self.math.dtype)
         self._references[name] = _ResidentReference(info, reference, mean)
         return info
 
@@ -432,23 +433,16 @@ class AsyncEngine:
 
     def _score_group(self, group: list[tuple[Request, LabelStates]], outcomes: dict[Request, Any]) -> None:
         resident = group[0][0].task.reference
-        per_token = self.runner.token_scores([s for _, s in group], resident.mean_gradient)
+        per_token = self.math.token_scores([s for _, s in group], resident.mean_gradient)
         for (request, states), scores in zip(group, per_token, strict=True):
-            scores = scores / self._norm(states, resident.reference.normalize)
+            scores = scores / self.math.norm(states, resident.reference.normalize)
             outcomes[request] = (float(scores.sum()), scores, states)
 
     def _accumulate_group(self, group: list[tuple[Request, LabelStates]]) -> None:
         builder = group[0][0].task.builder
-        weights = [1.0 / self._norm(states, builder.normalize) for _, states in group]
-        builder.total += self.runner.gradient_sum([s for _, s in group], weights)
+        weights = [1.0 / self.math.norm(states, builder.normalize) for _, states in group]
+        builder.total += self.math.gradient_sum([s for _, s in group], weights)
         builder.count += len(group)
-
-    def _norm(self, states: LabelStates, normalize: str) -> float:
-        if normalize == "mean":
-            return float(len(states.positions))
-        if normalize == "cosine":
-            return self.runner.squared_norm(states) ** 0.5
-        return 1.0
 
     def _settle(self, step: SchedulerOutput, outcomes: dict[Request, Any]) -> None:
         """Back on the loop: answer failures, advance the scheduler, answer completions."""

@@ -88,7 +88,7 @@ class _Subsets:
         model = valuator.model
         self.W = model.head_weight
         self.transform = LogitTransform(model.head_bias, model.scale, model.softcap)
-        self.kwargs = valuator._ops_kwargs()
+        self.kwargs = valuator.math.kernel_kwargs()
         self.shared = shared
         self.top_k = top_k
 

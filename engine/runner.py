@@ -31,8 +31,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from forvalue import kernels
-
 from .model import ValuationModel
 from .request import PartialStates, Request
 from .samples import EncodedSample, SampleError
@@ -278,16 +276,13 @@ class ModelRunner:
     "varlen" / "buckets". ``batch_tokens`` bounds the padded size of a bucket.
     """
 
-    def __init__(self, model: ValuationModel, *, attention: str = "auto", batch_tokens: int = 4096,
-                 backend: kernels.Backend = "auto") -> None:
+    def __init__(self, model: ValuationModel, *, attention: str = "auto", batch_tokens: int = 4096) -> None:
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         self.model = model
         self.batch_tokens = batch_tokens
-        self.backend = backend
         self.attention, self.why_not_varlen = _choose_attention(model, attention)
         self.vocab_size = model.backbone.get_input_embeddings().num_embeddings
-        self.math_dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
         parameters = inspect.signature(model.backbone.forward).parameters
         self._cache_keyword = "cache" if "cache" in parameters else "past_key_values"
 
@@ -361,41 +356,6 @@ class ModelRunner:
         positions = [k for part in parts for k in part.positions]
         return request, LabelStates(request.index, sample, hidden, labels, positions)
 
-    # ------------------------------------------------------------ valuation
-
-    def kernel_kwargs(self) -> dict[str, Any]:
-        return {**self.model.logit_kwargs(), "backend": self.backend}
-
-    def token_scores(self, states: list[LabelStates], mean_gradient: torch.Tensor) -> list[torch.Tensor]:
-        """``s_t = e_t^T Gbar h_t`` per label token, float64 on the CPU, one tensor per sample;
-        one kernel call for all of them."""
-        hidden, labels, sizes = _stack(states)
-        scores = kernels.reference_score(hidden, self.model.head_weight, labels, mean_gradient,
-                                         **self.kernel_kwargs())
-        return list(scores.double().cpu().split(sizes))
-
-    def gradient_sum(self, states: list[LabelStates], weights: Sequence[float]) -> torch.Tensor:
-        """``sum_b w_b G(b)``, ``(V, d)`` in ``math_dtype``; one kernel call for all samples."""
-        hidden, labels, sizes = _stack(states)
-        token_weights = torch.repeat_interleave(torch.tensor(weights, dtype=self.math_dtype),
-                                                torch.tensor(sizes)).to(hidden.device)
-        gradient = kernels.error_outer(hidden, self.model.head_weight, labels, token_weights,
-                                       **self.kernel_kwargs())
-        return gradient.to(self.math_dtype)
-
-    def squared_norm(self, states: LabelStates) -> float:
-        """``||G(x)||^2 = v(x, x)``, by the token gram (``T^2 V``) or the ``V x d`` matrix
-        (``2 T V d``), whichever costs less; computed once per sample."""
-        if states.squared_norm is None:
-            hidden, labels, weight = states.hidden, states.labels, self.model.head_weight
-            if len(labels) < 3 * self.model.hidden_size:  # T^2 V + T V d < 4 T V d
-                gram = kernels.error_gram(hidden, labels, hidden, labels, weight, **self.kernel_kwargs())
-                states.squared_norm = float((gram.double() * (hidden.double() @ hidden.double().T)).sum())
-            else:
-                gradient = kernels.error_outer(hidden, weight, labels, **self.kernel_kwargs())
-                states.squared_norm = float(gradient.double().square().sum())
-        return states.squared_norm
-
 
 def _gather(sample: EncodedSample, hidden: torch.Tensor, offset: int) -> PartialStates:
     """The labels predicted inside ``hidden`` (the states of tokens ``offset .. offset + n - 1``):
@@ -405,8 +365,3 @@ def _gather(sample: EncodedSample, hidden: torch.Tensor, offset: int) -> Partial
     predicting = torch.tensor([k - 1 - offset for k in positions], dtype=torch.long, device=hidden.device)
     labels = torch.tensor([sample.input_ids[k] for k in positions], dtype=torch.long, device=hidden.device)
     return PartialStates(hidden[predicting], labels, positions)
-
-
-def _stack(states: list[LabelStates]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    sizes = [len(s.positions) for s in states]
-    return torch.cat([s.hidden for s in states]), torch.cat([s.labels for s in states]), sizes

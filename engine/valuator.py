@@ -16,6 +16,7 @@ import torch
 from forvalue import kernels
 
 from .forward import LabelStates, label_states
+from .label_math import LabelMath, gram_is_cheaper, hidden_gram, stack
 from .model import ValuationModel
 from .reference import NORMALIZATIONS, Reference
 from .samples import LOSS_ON, SampleError, encode_samples
@@ -56,21 +57,20 @@ class Valuator:
         self.normalize = normalize
         self.errors = _check_errors(errors)
         self.batch_tokens = batch_tokens
-        self.backend = backend
+        self.math = LabelMath(model, backend)
         self.progress = progress
         self._encode_options = {"loss_on": loss_on, "append_eos": append_eos,
                                 "max_length": max_length, "context_length": model.context_length}
-        self._dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
 
     # ----------------------------------------------------------------- public API
 
     def reference(self, samples: Sequence[dict], *, errors: str | None = None) -> Any:
         """Build the Reference (sum and count of ``G(b)``) of a validation set."""
         failures: list[SampleError] = []
-        total = torch.zeros(self.model.head_weight.shape, dtype=self._dtype, device=self.model.device)
+        total = torch.zeros(self.model.head_weight.shape, dtype=self.math.dtype, device=self.model.device)
         count = 0
         for batch in self._batches(samples, errors, failures, "reference"):
-            total += self._gradient_sum(batch)
+            total += self.math.gradient_sum(batch, [1.0 / self._norm(s) for s in batch])
             count += len(batch)
         if count == 0:
             raise ValueError("no valid validation sample to build a reference from")
@@ -83,12 +83,12 @@ class Valuator:
         """``<G(a), Gbar>`` per training sample (numpy float64, NaN for collected errors);
         with ``token_values=True`` also a list of TokenValues (None for bad samples)."""
         reference.check_compatible(self.model.identity, self.normalize)
-        mean_gradient = reference.mean().to(device=self.model.device, dtype=self._dtype)
+        mean_gradient = reference.mean().to(device=self.model.device, dtype=self.math.dtype)
         failures: list[SampleError] = []
         values = np.full(len(samples), np.nan)
         tokens: list[TokenValues | None] = [None] * len(samples)
         for batch in self._batches(samples, errors, failures, "score"):
-            per_token = self._reference_scores(batch, mean_gradient)
+            per_token = self.math.token_scores(batch, mean_gradient)
             for states, token_scores in zip(batch, per_token, strict=True):
                 token_scores = token_scores / self._norm(states)
                 values[states.index] = float(token_scores.sum())
@@ -121,7 +121,7 @@ class Valuator:
         values = np.full(len(samples), np.nan)
         for batch in self._batches(samples, errors, failures, "self-value"):
             for states in batch:
-                values[states.index] = self._squared_norm(states) / self._norm(states) ** 2
+                values[states.index] = self.math.squared_norm(states) / self._norm(states) ** 2
         return self._result(errors, failures, values)
 
     # ------------------------------------------------------------ forward passes
@@ -159,48 +159,14 @@ class Valuator:
 
     # --------------------------------------------------------------- the math
 
-    def _ops_kwargs(self) -> dict[str, Any]:
-        return {**self.model.logit_kwargs(), "backend": self.backend}
-
     def _norm(self, states: LabelStates) -> float:
-        """The divisor of ``G(x)`` under the normalisation: 1, the label count or ``||G(x)||``."""
-        if self.normalize == "mean":
-            return float(len(states.positions))
-        if self.normalize == "cosine":
-            return self._squared_norm(states) ** 0.5
-        return 1.0
-
-    def _gradient_sum(self, batch: list[LabelStates]) -> torch.Tensor:
-        """``sum_b G(b) / norm(b)`` for a batch of validation samples, ``(V, d)``."""
-        hidden, labels, _ = _stack(batch)
-        weights = torch.cat([torch.full((len(s.positions),), 1.0 / self._norm(s), dtype=self._dtype)
-                             for s in batch]).to(hidden.device)
-        return kernels.error_outer(hidden, self.model.head_weight, labels, weights,
-                                   **self._ops_kwargs())
-
-    def _reference_scores(self, batch: list[LabelStates], gradient: torch.Tensor) -> list[torch.Tensor]:
-        hidden, labels, sizes = _stack(batch)
-        scores = kernels.reference_score(hidden, self.model.head_weight, labels, gradient,
-                                         **self._ops_kwargs())
-        return list(scores.double().cpu().split(sizes))
-
-    def _squared_norm(self, states: LabelStates) -> float:
-        """``||G(x)||^2`` by the cheaper route (token gram or ``V x d`` matrix), computed once."""
-        if states.squared_norm is None:
-            hidden, labels, W = states.hidden, states.labels, self.model.head_weight
-            if _gram_is_cheaper(len(labels), len(labels), self.model.hidden_size):
-                gram = kernels.error_gram(hidden, labels, hidden, labels, W, **self._ops_kwargs())
-                states.squared_norm = float((gram * _hidden_gram(hidden, hidden, gram.dtype)).sum())
-            else:
-                gradient = kernels.error_outer(hidden, W, labels, **self._ops_kwargs())
-                states.squared_norm = float(gradient.double().square().sum())
-        return states.squared_norm
+        return self.math.norm(states, self.normalize)
 
     def _pairwise_raw(self, rows: list[LabelStates], cols: list[LabelStates], route: str) -> np.ndarray:
         train_tokens = sum(len(s.positions) for s in rows)
         d = self.model.hidden_size
         gram_cols = [j for j, s in enumerate(cols) if route == "gram" or (
-            route == "auto" and _gram_is_cheaper(train_tokens, len(s.positions), d))]
+            route == "auto" and gram_is_cheaper(train_tokens, len(s.positions), d))]
         outer_cols = [j for j in range(len(cols)) if j not in set(gram_cols)]
         raw = np.zeros((len(rows), len(cols)))
         row_blocks = _token_blocks(rows, self.batch_tokens)
@@ -211,19 +177,19 @@ class Valuator:
                                       [cols[gram_cols[j]] for j in col_block.members])
         for j in outer_cols:
             gradient = kernels.error_outer(cols[j].hidden, self.model.head_weight, cols[j].labels,
-                                           **self._ops_kwargs())
+                                           **self.math.kernel_kwargs())
             for row_block in row_blocks:
-                scores = self._reference_scores([rows[i] for i in row_block.members], gradient)
+                scores = self.math.token_scores([rows[i] for i in row_block.members], gradient)
                 raw[row_block.members, j] = [float(s.sum()) for s in scores]
         return raw
 
     def _gram_values(self, rows: list[LabelStates], cols: list[LabelStates]) -> np.ndarray:
         """``v(a, b)`` for blocks of samples through the token gram, summed per sample pair."""
-        row_hidden, row_labels, row_sizes = _stack(rows)
-        col_hidden, col_labels, col_sizes = _stack(cols)
+        row_hidden, row_labels, row_sizes = stack(rows)
+        col_hidden, col_labels, col_sizes = stack(cols)
         gram = kernels.error_gram(row_hidden, row_labels, col_hidden, col_labels,
-                                  self.model.head_weight, **self._ops_kwargs())
-        tokens = gram.mul_(_hidden_gram(row_hidden, col_hidden, gram.dtype)).double()
+                                  self.model.head_weight, **self.math.kernel_kwargs())
+        tokens = gram.mul_(hidden_gram(row_hidden, col_hidden, gram.dtype)).double()
         row_ids = _segment_ids(row_sizes, tokens.device)
         col_ids = _segment_ids(col_sizes, tokens.device)
         per_row = torch.zeros((len(rows), tokens.shape[1]), dtype=tokens.dtype,
@@ -251,22 +217,6 @@ def _token_blocks(states: list[LabelStates], max_tokens: int) -> list[_Block]:
         blocks[-1].append(i)
         size += n
     return [_Block(members) for members in blocks]
-
-
-def _gram_is_cheaper(train_tokens: int, valid_tokens: int, hidden_size: int) -> bool:
-    # Marginal cost of one validation sample: token gram Ta*Tb*V + Tb*V*d, against building
-    # G(b) (2 Tb V d) and scoring every train token against it (2 Ta V d); V cancels.
-    return train_tokens * valid_tokens + valid_tokens * hidden_size \
-        < 2 * valid_tokens * hidden_size + 2 * train_tokens * hidden_size
-
-
-def _stack(batch: list[LabelStates]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    sizes = [len(s.positions) for s in batch]
-    return torch.cat([s.hidden for s in batch]), torch.cat([s.labels for s in batch]), sizes
-
-
-def _hidden_gram(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return a.to(dtype) @ b.to(dtype).T
 
 
 def _segment_ids(sizes: list[int], device: torch.device) -> torch.Tensor:

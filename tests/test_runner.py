@@ -10,6 +10,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, Mistral
 
 from forvalue.engine import load_model
 from forvalue.engine import runner as runner_module
+from forvalue.engine.label_math import LabelMath
 from forvalue.engine.request import Request, RequestStatus
 from forvalue.engine.runner import LabelStates, ModelRunner, PackingUnsupported
 from forvalue.engine.samples import EncodedSample, SampleError
@@ -113,12 +114,13 @@ def test_packed_values_equal_per_sample_values(kind):
     samples = random_encoded([12, 4, 25, 7], seed=3)
     packed = run(runner, samples, budget=64)
     alone = [run(runner, [sample], budget=64)[0] for sample in samples]
-    gradient = runner.gradient_sum(alone[:2], [1.0, 0.5])
+    math = LabelMath(model)
+    gradient = math.gradient_sum(alone[:2], [1.0, 0.5])
     tolerance = TOLERANCE.get(kind, 1e-9)
-    for a, b in zip(runner.token_scores(packed, gradient), runner.token_scores(alone, gradient), strict=True):
+    for a, b in zip(math.token_scores(packed, gradient), math.token_scores(alone, gradient), strict=True):
         torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance * float(b.abs().max()))
     for a, b in zip(packed, alone, strict=True):
-        assert runner.squared_norm(a) == pytest.approx(runner.squared_norm(b), rel=tolerance)
+        assert math.squared_norm(a) == pytest.approx(math.squared_norm(b), rel=tolerance)
 
 
 @settings(max_examples=20, deadline=None)
