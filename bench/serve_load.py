@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from forvalue.bindings import AsyncClient
+from forvalue.bindings.server import DEFAULT_QUEUE_DELAY_MS
 from forvalue.engine import Reference, ValuationModel, Valuator, load_model
 from forvalue.engine.async_engine import AsyncEngine
 
@@ -135,9 +136,9 @@ async def measured(kind: str, concurrency: int, run: Callable[[], Awaitable[Run]
 class ServerProcess:
     """``forvalue serve`` in a subprocess, on a free loopback port."""
 
-    def __init__(self, model: str, reference: Path) -> None:
+    def __init__(self, model: str, reference: Path, queue_delay_ms: float) -> None:
         command = [sys.executable, "-m", "forvalue.bindings.server", "--model", model, "--port", "0",
-                   "--reference", f"valid={reference}"]
+                   "--reference", f"valid={reference}", "--max-queue-delay-ms", str(queue_delay_ms)]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log = []
@@ -171,7 +172,7 @@ def end_to_end(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     valuator = Valuator(model, progress=False)
     reference = valuator.reference(make_samples(2, 1, model.vocab_size, "valid", (16, 16)))
     reference.save(folder / "valid.safetensors")
-    server = ServerProcess(args.model, folder / "valid.safetensors")
+    server = ServerProcess(args.model, folder / "valid.safetensors", args.max_queue_delay_ms)
     try:
         runs = asyncio.run(_alternating_runs(model, reference, samples, server, tokens))
         peak_mb = server.peak_rss_mb()
@@ -227,7 +228,7 @@ def rpc_cost(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     samples = make_samples(args.tiny_samples, 2, 128, "tiny", (16, 32))
     reference = Valuator(model, progress=False).reference(samples[:4])
     reference.save(folder / "tiny.safetensors")
-    server = ServerProcess(str(folder / "tiny"), folder / "tiny.safetensors")
+    server = ServerProcess(str(folder / "tiny"), folder / "tiny.safetensors", args.max_queue_delay_ms)
 
     async def pipelined() -> list[dict[str, Any]]:
         async with AsyncEngine(model) as engine, AsyncClient(server.address, timeout=None) as client:
@@ -272,22 +273,25 @@ def _row(label: str, base: dict[str, Any], over: dict[str, Any]) -> str:
             f"| {over['p50_s']:.2f} / {over['p99_s']:.2f} | {over['errors']} |")
 
 
-def _reading(by: dict[tuple[str, int, int], dict[str, Any]]) -> str:
+def _reading(by: dict[tuple[str, int, int], dict[str, Any]], delay_ms: float) -> str:
     base, over = by["in-process", 4, 1], by["grpc", 4, 1]
     split = f"{over['samples_per_step']:.1f} against {base['samples_per_step']:.1f}"
     small = over["cpu_ms_per_sample"] / base["cpu_ms_per_sample"] - 1
     big = [by["grpc", c, 1]["cpu_ms_per_sample"] / by["in-process", c, 1]["cpu_ms_per_sample"] - 1
            for c in CONCURRENCY if c >= 16]
-    return f"""Reading: wall-clock rows move with the other jobs on the machine (a row where gRPC comes out
-faster shows that noise). CPU per sample shows where the RPC path costs:
-not in RPC handling (next section) but in batching. The engine starts a step as soon as one
-request waits; a caller's next request reaches the server a round trip after its result, when
-the next step has already started, so closed-loop callers split into two groups that take turns
-(gRPC samples/step: {split} at 4 x 1). A CPU step has a large fixed cost (reading the
-`V x d` head and reference mean), so at 4 x 1 this costs {small:+.0%} CPU per sample; from 16
-requests in flight steps are large enough that it costs {min(big):+.0%} to {max(big):+.0%}. The remedy
-belongs to the engine's scheduler (wait about a round trip, ~1 ms, after a step that answered
-requests before starting the next one, like Triton's `max_queue_delay`), not to the RPC layer."""
+    common = """Reading: wall-clock rows move with the other jobs on the machine (a row where gRPC comes out
+faster shows that noise). CPU per sample shows where the RPC path costs: not in RPC handling
+(next section) but in batching. A caller's next request reaches the server a round trip after
+its result. A CPU step has a large fixed cost (reading the `V x d` head and reference mean), so
+fewer samples per step cost CPU per sample."""
+    if delay_ms == 0:
+        return common + f""" With no queue delay (`--max-queue-delay-ms 0`) the next step has
+already started when those requests arrive, so closed-loop callers split into groups that take
+turns (gRPC samples/step: {split} at 4 x 1), which costs {small:+.0%} CPU per sample at 4 x 1 and
+{min(big):+.0%} to {max(big):+.0%} from 16 requests in flight."""
+    return common + f""" With the server's queue delay of {delay_ms:g} ms after each step that
+answered requests, those requests join the next step (gRPC samples/step: {split} at 4 x 1):
+CPU cost {small:+.0%} per sample at 4 x 1, {min(big):+.0%} to {max(big):+.0%} from 16 requests in flight."""
 
 
 HEADER = ("| gRPC streams x outstanding | in-process tok/s | gRPC tok/s | wall cost "
@@ -295,6 +299,15 @@ HEADER = ("| gRPC streams x outstanding | in-process tok/s | gRPC tok/s | wall c
           "| in-process samples/step | gRPC samples/step "
           "| in-process p50 / p99 (s) | gRPC p50 / p99 (s) | gRPC errors |\n"
           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+
+
+def _load_note(results: dict[str, Any]) -> str:
+    # The benchmark itself keeps about two cores busy; a 1-minute load well above that means others.
+    one_minute = [float(results[key].split()[0]) for key in ("load_before", "load_after")]
+    if max(one_minute) > (os.cpu_count() or 1) + 1:
+        return ("Other jobs shared the cores during the run: wall-clock figures move by tens of per "
+                "cent with them; CPU seconds per sample move much less.")
+    return "No other job ran on the machine during the run."
 
 
 def write_report(out: Path, results: dict[str, Any]) -> None:
@@ -311,8 +324,7 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
 
 Machine: {results['machine']}.
 Load average before / after: {results['load_before']} / {results['load_after']}.
-Other jobs shared these 2 cores during the run: wall-clock figures move by tens of per cent with
-them; CPU seconds per sample move much less.
+{_load_note(results)}
 
 Command: `{results['command']}` ({results['seconds']:.0f} s in all).
 
@@ -329,7 +341,7 @@ gRPC slower or more CPU).
 {HEADER}
 {chr(10).join(rows)}
 
-{_reading(by)}
+{_reading(by, results['max_queue_delay_ms'])}
 
 Server peak memory (VmHWM of the server process over all runs): **{e2e['server_peak_mb']:.0f} MB**
 (the float32 model, its `V x d` head and reference mean, and the working set). Exit status
@@ -358,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--samples", type=int, default=128, help="samples per end-to-end run")
     parser.add_argument("--tiny-samples", type=int, default=3000, help="samples of the RPC-only run")
+    parser.add_argument("--max-queue-delay-ms", type=float, default=DEFAULT_QUEUE_DELAY_MS,
+                        help="the server's queue delay (forvalue serve's default unless given)")
     args = parser.parse_args(argv)
     started, load_before = time.perf_counter(), load_average()
     with tempfile.TemporaryDirectory() as tmp:
@@ -366,8 +380,10 @@ def main(argv: list[str] | None = None) -> None:
         e2e = end_to_end(args, Path(tmp))
     write_report(args.out, {
         "machine": machine(), "load_before": load_before, "load_after": load_average(),
-        "command": "FORVALUE_CACHE=/tmp/fvcache python -m forvalue.bench.serve_load "
-                   f"--samples {args.samples} --tiny-samples {args.tiny_samples}",
+        "command": "python -m forvalue.bench.serve_load "
+                   f"--samples {args.samples} --tiny-samples {args.tiny_samples} "
+                   f"--max-queue-delay-ms {args.max_queue_delay_ms:g} --out {args.out}",
+        "max_queue_delay_ms": args.max_queue_delay_ms,
         "seconds": time.perf_counter() - started, "end_to_end": e2e, "rpc": rpc})
 
 

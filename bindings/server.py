@@ -56,6 +56,7 @@ from . import forvalue_pb2_grpc as pb_grpc
 log = logging.getLogger("forvalue.server")
 
 DEFAULT_PORT = 50051
+DEFAULT_QUEUE_DELAY_MS = 2.0  # about a loopback gRPC round trip; small next to a step
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Valuation"].full_name
 REFERENCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 EXIT_USER_ERROR = 2
@@ -616,6 +617,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens per engine step")
     parser.add_argument("--max-seqs", type=int, default=128, help="samples per engine step")
     parser.add_argument("--policy", default="fcfs", choices=("fcfs", "priority"))
+    parser.add_argument("--max-queue-delay-ms", type=float, default=DEFAULT_QUEUE_DELAY_MS,
+                        help="after a step that answered requests, wait this long for the callers' "
+                             "next samples before starting the next step (fuller steps, a little "
+                             f"latency; default: {DEFAULT_QUEUE_DELAY_MS:g})")
     parser.add_argument("--token-file", type=Path,
                         help="file holding the bearer token every call must carry (or set "
                              "FORVALUE_TOKEN); without either, calls are not authenticated")
@@ -668,6 +673,8 @@ def _config_from_args(args: argparse.Namespace) -> ServerConfig:
                           max_message_bytes=int(args.max_message_mb * 2**20))
     if min(limits.max_streams, limits.stream_window, limits.queue_size) < 1:
         raise ValueError("--max-streams, --stream-window and --max-queue must be positive")
+    if args.max_queue_delay_ms < 0:
+        raise ValueError("--max-queue-delay-ms must be >= 0")
     return ServerConfig(host=args.host, port=args.port, token=token, tls_cert=args.tls_cert,
                         tls_key=args.tls_key, limits=limits)
 
@@ -684,7 +691,7 @@ def _parse_reference_spec(spec: str) -> tuple[str, Path]:
 async def _serve(args: argparse.Namespace, config: ServerConfig, references: dict[str, Path]) -> int:
     engine_options = {"loss_on": args.loss_on, "max_length": args.max_length,
                       "max_batch_tokens": args.max_batch_tokens, "max_seqs": args.max_seqs,
-                      "policy": args.policy}
+                      "policy": args.policy, "max_queue_delay": args.max_queue_delay_ms / 1000}
     server = ValuationServer(config, engine_options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

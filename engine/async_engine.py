@@ -142,15 +142,21 @@ class AsyncEngine:
     """Continuous-batching valuation server on one resident model.
 
     ``policy``: "fcfs" or "priority" (lower ``priority`` runs first). ``max_waiting`` bounds
-    the waiting queue. The other options are those of Valuator (how samples are labelled)
-    and of the scheduler and runner.
+    the waiting queue. ``max_queue_delay`` (seconds): after a step that answered requests,
+    wait this long before the next one, so that callers who send their next sample when they
+    get a result (a round trip later) join the next step rather than the one after it. The
+    other options are those of Valuator (how samples are labelled) and of the scheduler and
+    runner.
     """
 
     def __init__(self, model: ValuationModel, *, loss_on: str = "response", append_eos: bool = False,
                  max_length: int | None = None, max_batch_tokens: int = 2048, max_seqs: int = 128,
                  max_waiting: int = 1024, policy: str = "fcfs", attention: str = "auto",
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", max_queue_delay: float = 0.0) -> None:
+        if max_queue_delay < 0:
+            raise ValueError(f"max_queue_delay must be >= 0 seconds, got {max_queue_delay}")
         self.model = model
+        self.max_queue_delay = max_queue_delay
         self.loss_on = loss_on
         self.runner = ModelRunner(model, attention=attention, batch_tokens=max_batch_tokens)
         self.math = LabelMath(model, backend)
@@ -418,6 +424,8 @@ class AsyncEngine:
                 outcomes = {chunk.request: f"internal error: {failure!r}" for chunk in step.chunks}
             self._metrics.step(step.num_tokens, time.monotonic() - started)
             self._settle(step, outcomes)
+            if self.max_queue_delay and any(chunk.is_last for chunk in step.chunks):
+                await asyncio.sleep(self.max_queue_delay)
 
     def _execute(self, step: SchedulerOutput) -> dict[Request, Any]:
         """Worker thread: the forward pass, then the kernels for the requests it completed."""

@@ -223,6 +223,30 @@ def test_drain_answers_everything_then_refuses_new_work():
     assert all(r.error == "" for r in asyncio.run(main()))
 
 
+def test_queue_delay_lets_a_callers_next_sample_join_the_next_step():
+    samples = random_samples(3, seed=13)
+
+    async def main(delay):
+        async with AsyncEngine(model(), max_queue_delay=delay) as engine:
+            engine.put_reference("v", valuator().reference(samples[:1]))
+            await engine.score(samples[0], "v")
+            steps = engine.stats().steps
+            # Two callers answered by that step come back 50 ms apart, inside the delay.
+            second = asyncio.ensure_future(engine.score(samples[1], "v"))
+            await asyncio.sleep(0.05)
+            third = asyncio.ensure_future(engine.score(samples[2], "v"))
+            results = await asyncio.gather(second, third)
+            assert all(r.error == "" for r in results)
+            return engine.stats().steps - steps
+
+    assert asyncio.run(main(delay=0.5)) == 1
+
+
+def test_a_negative_queue_delay_is_refused():
+    with pytest.raises(ValueError, match="max_queue_delay"):
+        AsyncEngine(model(), max_queue_delay=-1)
+
+
 def test_stream_applies_backpressure_and_stats_read_as_prometheus():
     samples = random_samples(12, seed=13)
 

@@ -29,7 +29,13 @@ from forvalue.bindings import AsyncClient, Client, ServerError
 from forvalue.bindings import forvalue_pb2 as pb
 from forvalue.bindings import forvalue_pb2_grpc as pb_grpc
 from forvalue.bindings.client import add_stream_arguments, run_stream
-from forvalue.bindings.server import ServerConfig, ServerLimits, ValuationServer
+from forvalue.bindings.server import (
+    ServerConfig,
+    ServerLimits,
+    ValuationServer,
+    add_serve_arguments,
+    run_serve,
+)
 from forvalue.engine import Valuator, load_model
 
 from tiny_models import random_samples, tiny_model
@@ -470,6 +476,16 @@ def test_drain_answers_what_was_accepted_and_refuses_new_calls(make_server):
     assert len(closed[0]) == 20 and not closed[1]  # half-closed: everything answered, OK
     assert len(still_open[0]) == 5  # still sending: its accepted requests answered, then UNAVAILABLE
     assert still_open[1]["error"].code == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize(("option", "message"), [("--max-queue-delay-ms=-1", "max-queue-delay-ms"),
+                                               ("--max-streams=0", "must be positive")])
+def test_forvalue_serve_refuses_bad_limits_in_one_line(option, message, capsys):
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert run_serve(parser.parse_args([option])) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("forvalue: error:") and message in error and "Traceback" not in error
 
 
 @pytest.mark.slow
