@@ -26,6 +26,7 @@ import torch
 
 from forvalue.engine import ValuationModel
 from forvalue.engine.forward import LabelStates, label_states
+from forvalue.engine.runner import right_padded
 from forvalue.engine.samples import EncodedSample, SampleError, encode_sample
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -177,12 +178,7 @@ def lora_gradients(model: ValuationModel, train: Sequence[dict], valid: Sequence
 def _label_nll(model: ValuationModel, backbone: torch.nn.Module,
                samples: list[EncodedSample]) -> torch.Tensor:
     """Per-sample mean negative log-likelihood of the labels, ``(batch,)``, with grad."""
-    longest = max(len(s.input_ids) for s in samples)
-    ids = torch.zeros((len(samples), longest), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, s in enumerate(samples):
-        ids[row, :len(s.input_ids)] = torch.tensor(s.input_ids)
-        mask[row, :len(s.input_ids)] = 1
+    ids, mask = right_padded([s.input_ids for s in samples])
     hidden = backbone(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                       use_cache=False).last_hidden_state
     losses = []
@@ -276,12 +272,7 @@ def mean_hidden_states(model: ValuationModel, samples: Sequence[dict], batch_siz
     out = torch.empty((len(encoded), model.hidden_size), dtype=torch.float64)
     for first in range(0, len(encoded), batch_size):
         batch = encoded[first:first + batch_size]
-        longest = max(len(s.input_ids) for s in batch)
-        ids = torch.zeros((len(batch), longest), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, s in enumerate(batch):
-            ids[row, :len(s.input_ids)] = torch.tensor(s.input_ids)
-            mask[row, :len(s.input_ids)] = 1
+        ids, mask = right_padded([s.input_ids for s in batch])
         hidden = model.hidden_states(ids, mask).double().cpu()
         weights = mask[:, :, None].double()
         out[first:first + len(batch)] = (hidden * weights).sum(1) / weights.sum(1)

@@ -28,6 +28,7 @@ import torch
 from forvalue import kernels
 from forvalue.engine import Valuator, load_model
 from forvalue.engine.label_math import gram_is_cheaper
+from forvalue.engine.runner import right_padded
 
 from .throughput import machine
 
@@ -83,13 +84,7 @@ def padded_batches(samples: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor
     batches = []
     for start in range(0, len(ordered), BATCH):
         group = ordered[start:start + BATCH]
-        longest = len(group[0]["input_ids"])
-        ids = torch.zeros((len(group), longest), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, s in enumerate(group):
-            ids[row, :len(s["input_ids"])] = torch.tensor(s["input_ids"])
-            mask[row, :len(s["input_ids"])] = 1
-        batches.append((ids, mask, group))
+        batches.append((*right_padded([s["input_ids"] for s in group]), group))
     return batches
 
 

@@ -35,6 +35,7 @@ import torch
 from forvalue import kernels
 from forvalue.engine import Reference, ValuationModel, Valuator, load_model
 from forvalue.engine.async_engine import AsyncEngine
+from forvalue.engine.runner import right_padded
 
 STATIC_BATCH = 8
 BULK_OUTSTANDING = 16  # requests a bulk client keeps in flight (a bounded client, not a flood)
@@ -70,13 +71,7 @@ def padded_tokens(lengths: list[int]) -> int:
 
 def static_batch_values(model: ValuationModel, batch: list[dict], mean: torch.Tensor) -> list[float]:
     """Forward a padded batch and score its label tokens (one kernel call), as the engine does."""
-    longest = max(len(s["input_ids"]) for s in batch)
-    ids = torch.zeros((len(batch), longest), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, s in enumerate(batch):
-        ids[row, :len(s["input_ids"])] = torch.tensor(s["input_ids"])
-        mask[row, :len(s["input_ids"])] = 1
-    hidden = model.hidden_states(ids, mask)
+    hidden = model.hidden_states(*right_padded([s["input_ids"] for s in batch]))
     rows, predicting, labels, sizes = [], [], [], []
     for row, s in enumerate(batch):
         positions = [k for k in range(1, len(s["input_ids"])) if s["loss_mask"][k]]
@@ -104,14 +99,7 @@ def run_plain_forward(model: ValuationModel, samples: list[dict]) -> float:
     ordered = sorted(samples, key=lambda s: len(s["input_ids"]))
     start = time.perf_counter()
     for i in range(0, len(ordered), STATIC_BATCH):
-        batch = ordered[i:i + STATIC_BATCH]
-        longest = len(batch[-1]["input_ids"])
-        ids = torch.zeros((len(batch), longest), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, s in enumerate(batch):
-            ids[row, :len(s["input_ids"])] = torch.tensor(s["input_ids"])
-            mask[row, :len(s["input_ids"])] = 1
-        model.hidden_states(ids, mask)
+        model.hidden_states(*right_padded([s["input_ids"] for s in ordered[i:i + STATIC_BATCH]]))
     return time.perf_counter() - start
 
 

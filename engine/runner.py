@@ -242,14 +242,20 @@ def _forward_varlen(model: ValuationModel, samples: Sequence[Sequence[int]]) -> 
     return out.last_hidden_state[0]
 
 
-def _forward_padded(model: ValuationModel, samples: Sequence[Sequence[int]]) -> torch.Tensor:
-    """``(batch, longest, d)``; right padding, so real tokens never attend to the pads."""
+def right_padded(samples: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ``(batch, longest)`` padded on the right with 0, and the attention mask."""
     longest = max(len(ids) for ids in samples)
     ids = torch.zeros((len(samples), longest), dtype=torch.long)
-    mask = torch.zeros((len(samples), longest), dtype=torch.long)
+    mask = torch.zeros_like(ids)
     for row, sample in enumerate(samples):
         ids[row, :len(sample)] = torch.tensor(sample)
         mask[row, :len(sample)] = 1
+    return ids, mask
+
+
+def _forward_padded(model: ValuationModel, samples: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``(batch, longest, d)``; right padding, so real tokens never attend to the pads."""
+    ids, mask = right_padded(samples)
     with _FORWARD_LOCK:
         return model.hidden_states(ids, mask)
 
