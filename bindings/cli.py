@@ -24,6 +24,12 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+def user_error(error: object) -> int:
+    """Report a user mistake in one line (no stack trace); returns the exit status."""
+    print(f"forvalue: error: {error}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="forvalue", description="Forward-only data valuation (For-Value) of fine-tuning data.")
@@ -50,8 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as error:
         if os.environ.get("FORVALUE_DEBUG"):
             raise
-        print(f"forvalue: error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return user_error(error)
     except KeyboardInterrupt:
         print("forvalue: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

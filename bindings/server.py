@@ -52,6 +52,7 @@ from forvalue.engine.reference import NORMALIZATIONS
 
 from . import forvalue_pb2 as pb
 from . import forvalue_pb2_grpc as pb_grpc
+from .cli import user_error
 
 log = logging.getLogger("forvalue.server")
 
@@ -59,7 +60,6 @@ DEFAULT_PORT = 50051
 DEFAULT_QUEUE_DELAY_MS = 2.0  # about a loopback gRPC round trip; small next to a step
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Valuation"].full_name
 REFERENCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
-EXIT_USER_ERROR = 2
 UNACCEPTED = "requests without a result were not accepted: resend them"
 
 
@@ -648,8 +648,7 @@ def run_serve(args: argparse.Namespace) -> int:
         config = _config_from_args(args)
         references = dict(_parse_reference_spec(spec) for spec in args.reference)
     except (ValueError, OSError) as error:
-        print(f"forvalue: error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return user_error(error)
     return asyncio.run(_serve(args, config, references))
 
 
@@ -700,8 +699,7 @@ async def _serve(args: argparse.Namespace, config: ServerConfig, references: dic
     try:
         port = await server.start()
     except (ValueError, OSError, RuntimeError) as error:  # grpc raises RuntimeError on a bad address
-        print(f"forvalue: error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return user_error(error)
     log.info("listening on %s:%d (%s); loading %s", config.host, port,
              "TLS" if config.tls_cert else "plaintext", args.model)
     status = await _load_until_stopped(server, args, references, stop)
@@ -729,8 +727,7 @@ async def _load_until_stopped(server: ValuationServer, args: argparse.Namespace,
     try:
         loading.result()
     except (ValueError, OSError) as error:  # SampleError, ModelError, ReferenceMismatch, files
-        print(f"forvalue: error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return user_error(error)
     return 0
 
 
