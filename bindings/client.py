@@ -162,6 +162,16 @@ def _stats(message: pb.Stats) -> dict[str, Any]:
     return stats
 
 
+def _open_channel(grpc_module: Any, address: str, tls: bool, root_certificates: bytes | str | Path | None,
+                  max_message_bytes: int) -> Any:
+    """A channel of ``grpc`` or ``grpc.aio`` (the two share these functions)."""
+    credentials = _credentials(tls, root_certificates)
+    options = _channel_args(max_message_bytes)
+    if credentials is None:
+        return grpc_module.insecure_channel(address, options)
+    return grpc_module.secure_channel(address, credentials, options)
+
+
 def _channel_args(max_message_bytes: int) -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes)]
@@ -191,10 +201,7 @@ class Client(_Base):
                  root_certificates: bytes | str | Path | None = None, timeout: float | None = 60.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         super().__init__(address, token, timeout)
-        credentials = _credentials(tls, root_certificates)
-        options = _channel_args(max_message_bytes)
-        self._channel = (grpc.insecure_channel(address, options) if credentials is None
-                         else grpc.secure_channel(address, credentials, options))
+        self._channel = _open_channel(grpc, address, tls, root_certificates, max_message_bytes)
         self._stub = pb_grpc.ValuationStub(self._channel)
 
     def __enter__(self) -> Client:
@@ -273,10 +280,7 @@ class AsyncClient(_Base):
                  root_certificates: bytes | str | Path | None = None, timeout: float | None = 60.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         super().__init__(address, token, timeout)
-        credentials = _credentials(tls, root_certificates)
-        options = _channel_args(max_message_bytes)
-        self._channel = (grpc.aio.insecure_channel(address, options) if credentials is None
-                         else grpc.aio.secure_channel(address, credentials, options))
+        self._channel = _open_channel(grpc.aio, address, tls, root_certificates, max_message_bytes)
         self._stub = pb_grpc.ValuationStub(self._channel)
 
     async def __aenter__(self) -> AsyncClient:
