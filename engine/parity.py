@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from forvalue import kernels
-from forvalue.kernels.logits import LogitTransform, compute_dtype, vocab_chunks
 
 from .forward import LabelStates
 from .valuator import Valuator
@@ -87,7 +86,7 @@ class _Subsets:
     def __init__(self, valuator: Valuator, shared: torch.Tensor | None, top_k: int) -> None:
         model = valuator.model
         self.W = model.head_weight
-        self.transform = LogitTransform(model.head_bias, model.scale, model.softcap)
+        self.transform = model.transform
         self.kwargs = valuator.math.kernel_kwargs()
         self.shared = shared
         self.top_k = top_k
@@ -105,30 +104,32 @@ class _Subsets:
 
     def _rows(self, hidden: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
               ids: torch.Tensor) -> torch.Tensor:
-        """``sum_t e_t[ids] h_t^T`` with the full-vocabulary softmax (materialised, as there)."""
-        dtype = compute_dtype(hidden, self.W)
-        z = hidden.to(dtype) @ self.W[ids].to(dtype).T
-        if self.transform.bias is not None:
-            z = z + self.transform.bias[ids].to(dtype)
-        logits, slope = self.transform.apply(z)
-        # onehot restricted to ids: a label outside the subset loses its +1, like the official code.
-        onehot = (labels[:, None] == ids[None, :]).to(dtype)
-        errors = (onehot - torch.exp(logits - lse[:, None].to(dtype))) * slope
-        return errors.T @ hidden.to(dtype)
+        """``sum_t e_t[ids] h_t^T`` with the full-vocabulary softmax: the logits of the ``ids``
+        columns alone, as there (the head and bias restricted to ``ids``)."""
+        bias = self.transform.bias
+        subset = replace(self.transform, bias=None if bias is None else bias[ids])
+        rows = []
+        for chunk in kernels.logit_chunks(hidden, self.W[ids], **subset.kwargs()):
+            # onehot restricted to ids: a label outside the subset loses its +1, like the official code.
+            onehot = labels[:, None] == ids[None, chunk.start:chunk.stop]
+            dtype = chunk.logits.dtype
+            errors = (onehot.to(dtype) - torch.exp(chunk.logits - lse[:, None].to(dtype))) * chunk.slope
+            rows.append(errors.T @ hidden.to(dtype))
+        return torch.cat(rows)
 
 
-def _topk_union(hidden: torch.Tensor, W: torch.Tensor, transform: LogitTransform, k: int) -> torch.Tensor:
+def _topk_union(hidden: torch.Tensor, W: torch.Tensor, transform: kernels.LogitTransform,
+                k: int) -> torch.Tensor:
     """Sorted union of every position's top-k predicted ids, chunked over the vocabulary."""
-    dtype = compute_dtype(hidden, W)
-    best_values = torch.full((hidden.shape[0], 0), float("-inf"), dtype=dtype, device=hidden.device)
-    best_ids = torch.zeros((hidden.shape[0], 0), dtype=torch.long, device=hidden.device)
-    for chunk in vocab_chunks(hidden, W, transform, dtype):
-        values, local = chunk.logits.topk(min(k, chunk.stop - chunk.start), dim=1)
-        merged = torch.cat([best_values, values], dim=1)
-        merged_ids = torch.cat([best_ids, local + chunk.start], dim=1)
-        best_values, order = merged.topk(min(k, merged.shape[1]), dim=1)
-        best_ids = merged_ids.gather(1, order)
-    return torch.unique(best_ids)
+    values, ids = [], []
+    for chunk in kernels.logit_chunks(hidden, W, **transform.kwargs()):
+        best, local = chunk.logits.topk(min(k, chunk.stop - chunk.start), dim=1)
+        values.append(best)
+        ids.append(local + chunk.start)
+    # Each chunk's top k holds the overall top k's members from that chunk.
+    candidates = torch.cat(values, dim=1)
+    order = candidates.topk(min(k, candidates.shape[1]), dim=1).indices
+    return torch.unique(torch.cat(ids, dim=1).gather(1, order))
 
 
 def _shared_inner_product(a: SubsetGradient, b: SubsetGradient) -> float:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
-from .error_outer import ErrorChunks, accumulate_mm, write_errors
+from .error_tiles import ErrorChunks, accumulate_mm, write_errors
 from .logits import LogitTransform, check_inputs, chunk_error, compute_dtype, vocab_chunks
+from .softmax import LSE_PARTIALS, logsumexp_torch, softmax_over_vocab
 from .triton_utils import HAVE_TRITON
-from .vocab_logsumexp import vocab_logsumexp_torch, vocab_logsumexp_triton
 
 
 def error_gram_torch(Ha: torch.Tensor, la: torch.Tensor, Hb: torch.Tensor, lb: torch.Tensor,
@@ -18,7 +18,7 @@ def error_gram_torch(Ha: torch.Tensor, la: torch.Tensor, Hb: torch.Tensor, lb: t
     dtype = compute_dtype(Ha, Hb, W)
     H = torch.cat([Ha.to(dtype), Hb.to(dtype)])
     labels = torch.cat([la, lb])
-    lse, _ = vocab_logsumexp_torch(H, W, labels, transform)
+    lse, _ = logsumexp_torch(H, W, labels, transform)
     Ta = Ha.shape[0]
     out = torch.zeros((Ta, Hb.shape[0]), dtype=dtype, device=H.device)
     for chunk in vocab_chunks(H, W, transform, dtype):
@@ -32,8 +32,8 @@ def _error_gram_triton(Ha: torch.Tensor, la: torch.Tensor, Hb: torch.Tensor, lb:
     # Per vocabulary chunk, kernels write both sides' errors and a GEMM adds Ea Eb^T: the gram
     # costs Ta Tb V on tensor cores instead of recomputing logits per tile pair.
     Ta, Tb = Ha.shape[0], Hb.shape[0]
-    lse_a, _ = vocab_logsumexp_triton(Ha, W, la, transform)
-    lse_b, _ = vocab_logsumexp_triton(Hb, W, lb, transform)
+    lse_a, _ = softmax_over_vocab(Ha, W, la, transform, None, LSE_PARTIALS)
+    lse_b, _ = softmax_over_vocab(Hb, W, lb, transform, None, LSE_PARTIALS)
     out = torch.zeros((Ta, Tb), dtype=torch.float32, device=Ha.device)
     for start, parts in ErrorChunks(Ha, Ta + Tb, W.shape[0], transposed=False):
         write_errors(Ha, W, la, None, lse_a, transform, start, [p[:Ta] for p in parts])

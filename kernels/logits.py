@@ -46,6 +46,10 @@ class LogitTransform:
     scale: float | None = None
     softcap: float | None = None
 
+    def kwargs(self) -> dict[str, torch.Tensor | float | None]:
+        """``bias``, ``scale`` and ``softcap``: the keyword arguments every op takes."""
+        return {"bias": self.bias, "scale": self.scale, "softcap": self.softcap}
+
     def apply(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
         """Return ``(l, f'(z))``; ``f'`` is a float when it does not depend on ``z``."""
         slope: torch.Tensor | float = 1.0
@@ -112,6 +116,14 @@ def vocab_chunks(H: torch.Tensor, W: torch.Tensor, transform: LogitTransform,
             z += transform.bias[start:stop].to(dtype)
         logits, slope = transform.apply(z)
         yield VocabChunk(start, stop, logits, slope)
+
+
+def logit_chunks(H: torch.Tensor, W: torch.Tensor, *, bias: torch.Tensor | None = None,
+                 scale: float | None = None, softcap: float | None = None) -> Iterator[VocabChunk]:
+    """The transformed logits ``f(H W^T + bias)``, one memory-budget block of vocabulary columns
+    at a time, in fp32 (fp64 for fp64 inputs); a chunk's ``logits`` are the caller's to modify."""
+    check_inputs(H, W, None, bias, scale, softcap)
+    return vocab_chunks(H, W, LogitTransform(bias, scale, softcap), compute_dtype(H, W))
 
 
 def label_terms(H: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, transform: LogitTransform,

@@ -6,8 +6,8 @@ import torch
 
 from . import dispatch
 from .logits import LogitTransform, OnlineSoftmax, check_inputs, compute_dtype, label_terms, vocab_chunks
+from .softmax import softmax_over_vocab
 from .triton_utils import HAVE_TRITON, KernelConfig
-from .vocab_logsumexp import softmax_over_vocab
 
 
 def reference_score_torch(H: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, G: torch.Tensor,
