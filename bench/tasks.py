@@ -3,11 +3,14 @@
 Identification tasks (DataInf's benchmark, 10 classes; ground truth: the class):
 ``sentence`` (sentence transformations), ``math`` (word problems, answer only) and
 ``math-reason`` (the same with the formula). ``mislabeled``: headline topic classification
-in chat form with 40% of training answers flipped. ``selection``: question/answer pairs with
-about 40% of training answers corrupted by span deletion or filler insertion.
+in chat form with 40% of training answers flipped. ``mislabeled-sport``: the same on another
+domain, the sport a term belongs to, with validation terms that no training sample uses.
+``selection``: question/answer pairs with about 40% of training answers corrupted by span
+deletion or filler insertion.
 
 Every sample keeps its ground truth under ``"meta"`` (ignored by the engine): ``class``,
-``flipped`` (mislabeled) or ``clean_label`` (selection, 1 = untouched).
+``given`` (the class answered) and ``flipped`` (both mislabeled tasks, train and valid), or
+``clean_label`` (selection, 1 = untouched); ``mislabeled-sport`` adds the ``term``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TASKS = ("sentence", "math", "math-reason", "mislabeled", "selection")
+from .sport_terms import SPORT_TEMPLATES, SPORT_TERMS, SPORTS
+
+TASKS = ("sentence", "math", "math-reason", "mislabeled", "mislabeled-sport", "selection")
 SIZES = ("small", "full")
 IDENTIFICATION = ("sentence", "math", "math-reason")
 
@@ -28,6 +33,7 @@ IDENTIFICATION = ("sentence", "math", "math-reason")
 # paper size here and keep the same order of magnitude.
 _PER_CLASS = {"small": (4, 1), "full": (90, 10)}
 _MISLABEL_PER_CLASS = {"small": (8, 2), "full": (90, 10)}
+_SPORT_PER_CLASS = {"small": (8, 3), "full": (90, 10)}
 _SELECTION_TOTAL = {"small": (32, 8), "full": (400, 40)}
 FLIP_SHARE = 0.4
 CORRUPT_SHARE = 0.4
@@ -66,6 +72,8 @@ def make_task(name: str, size: str = "small", seed: int = 0) -> Task:
         return _identification(name, builder, MATH_CLASSES, size, rng)
     if name == "mislabeled":
         return _mislabeled(size, rng)
+    if name == "mislabeled-sport":
+        return _mislabeled_sport(size, rng)
     return _selection(size, rng)
 
 
@@ -233,19 +241,36 @@ def _headline(topic: str, rng: random.Random) -> str:
     return f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}"
 
 
-def _classification_sample(headline: str, answer: str) -> list[dict]:
-    question = (f"Classify the topic of this headline as {', '.join(TOPICS[:-1])} or {TOPICS[-1]}.\n"
-                f"Headline: {headline}")
+def _one_of(names: tuple[str, ...]) -> str:
+    return f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _chat(question: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def _classification_sample(headline: str, answer: str) -> list[dict]:
+    return _chat(f"Classify the topic of this headline as {_one_of(TOPICS)}.\nHeadline: {headline}",
+                 answer)
+
+
+def _flipped_positions(n: int, rng: random.Random) -> set[int]:
+    """``round(FLIP_SHARE n)`` of the ``n`` training positions, uniformly without replacement."""
+    return set(rng.sample(range(n), round(FLIP_SHARE * n)))
+
+
+def _given(cls: int, flipped: bool, n_classes: int, rng: random.Random) -> int:
+    """The class answered: ``cls``, or, flipped, one of the other classes uniformly."""
+    return rng.choice([c for c in range(n_classes) if c != cls]) if flipped else cls
 
 
 def _mislabeled(size: str, rng: random.Random) -> Task:
     n_train, n_valid = _MISLABEL_PER_CLASS[size]
     train_classes = [c for c in range(len(TOPICS)) for _ in range(n_train)]
-    flipped = set(rng.sample(range(len(train_classes)), round(FLIP_SHARE * len(train_classes))))
+    flipped = _flipped_positions(len(train_classes), rng)
     train = []
     for i, cls in enumerate(train_classes):
-        given = rng.choice([c for c in range(len(TOPICS)) if c != cls]) if i in flipped else cls
+        given = _given(cls, i in flipped, len(TOPICS), rng)
         train.append({"messages": _classification_sample(_headline(TOPICS[cls], rng), TOPICS[given]),
                       "meta": {"class": cls, "given": given, "flipped": int(i in flipped)}})
     valid = [{"messages": _classification_sample(_headline(TOPICS[c], rng), TOPICS[c]),
@@ -253,6 +278,27 @@ def _mislabeled(size: str, rng: random.Random) -> Task:
              for c in range(len(TOPICS)) for _ in range(n_valid)]
     return Task("mislabeled", "mislabeled", _with_ids(train, "train"), _with_ids(valid, "valid"),
                 loss_on="response", classes=TOPICS)
+
+
+def _mislabeled_sport(size: str, rng: random.Random) -> Task:
+    """Each class's terms are shuffled: the first ``n_valid`` are the validation terms, one
+    sample each; the training samples of the class cycle through the rest."""
+    n_train, n_valid = _SPORT_PER_CLASS[size]
+    shuffled = [rng.sample(SPORT_TERMS[sport], len(SPORT_TERMS[sport])) for sport in SPORTS]
+    pools = [t[n_valid:] for t in shuffled]
+    train_terms = [(c, pool[k % len(pool)]) for c, pool in enumerate(pools) for k in range(n_train)]
+    flipped = _flipped_positions(len(train_terms), rng)
+    train = [_sport_sample(term, cls, _given(cls, i in flipped, len(SPORTS), rng), rng)
+             for i, (cls, term) in enumerate(train_terms)]
+    valid = [_sport_sample(term, c, c, rng) for c, t in enumerate(shuffled) for term in t[:n_valid]]
+    return Task("mislabeled-sport", "mislabeled", _with_ids(train, "train"), _with_ids(valid, "valid"),
+                loss_on="response", classes=SPORTS)
+
+
+def _sport_sample(term: str, cls: int, given: int, rng: random.Random) -> dict:
+    question = rng.choice(SPORT_TEMPLATES).format(term=term, choices=_one_of(SPORTS))
+    return {"messages": _chat(question, SPORTS[given]),
+            "meta": {"class": cls, "given": given, "flipped": int(given != cls), "term": term}}
 
 
 # ---------------------------------------------------------------- selection

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from forvalue.bench import metrics
+from forvalue.bench.sport_terms import SPORT_TEMPLATES, SPORT_TERMS, SPORTS
 from forvalue.bench.tasks import (
     CORRUPT_SHARE,
     FILLERS,
@@ -26,6 +27,7 @@ SIZES = {
     "math": {"small": (4, 1), "full": (90, 10)},
     "math-reason": {"small": (4, 1), "full": (90, 10)},
     "mislabeled": {"small": (8, 2), "full": (90, 10)},
+    "mislabeled-sport": {"small": (8, 3), "full": (90, 10)},
 }
 
 
@@ -40,7 +42,7 @@ def test_same_seed_same_samples_other_seed_other_samples(name):
 def test_sizes_per_class(name, size):
     task = make_task(name, size)
     n_train, n_valid = SIZES[name][size]
-    n_classes = 10 if task.kind == "identification" else len(TOPICS)
+    n_classes = len(task.classes)
     assert np.bincount(task.train_meta("class")).tolist() == [n_train] * n_classes
     assert np.bincount(task.valid_meta("class")).tolist() == [n_valid] * n_classes
 
@@ -97,6 +99,63 @@ def test_mislabeled_flips_forty_percent_to_a_wrong_class():
     assert np.all((given != true) == flipped)
     assert [s["messages"][1]["content"] for s in task.train] == [TOPICS[g] for g in given]
     assert not task.valid_meta("flipped").any()
+
+
+@pytest.mark.parametrize(("size", "n_flipped"), [("small", 13), ("full", 144)])
+def test_mislabeled_sport_flips_forty_percent_to_another_class(size, n_flipped):
+    # round(0.4 n): 13 of 32 at small (12.8 rounds up), 144 of 360 at full.
+    task = make_task("mislabeled-sport", size)
+    flipped = task.train_meta("flipped").astype(bool)
+    assert flipped.sum() == n_flipped == round(FLIP_SHARE * len(task.train))
+    given, true = task.train_meta("given"), task.train_meta("class")
+    assert np.all((given != true) == flipped)
+    assert [s["messages"][1]["content"] for s in task.train] == [SPORTS[g] for g in given]
+    assert not task.valid_meta("flipped").any()
+    assert np.array_equal(task.valid_meta("given"), task.valid_meta("class"))
+
+
+def test_mislabeled_sport_flips_reach_every_other_class():
+    task = make_task("mislabeled-sport", "full")
+    given, true = task.train_meta("given"), task.train_meta("class")
+    for cls in range(len(SPORTS)):
+        wrong = given[(true == cls) & (given != true)]
+        assert set(wrong.tolist()) == set(range(len(SPORTS))) - {cls}
+
+
+@pytest.mark.parametrize("size", ["small", "full"])
+def test_mislabeled_sport_validation_terms_are_unseen_in_training(size):
+    task = make_task("mislabeled-sport", size)
+    train_terms, valid_terms = set(task.train_meta("term")), task.valid_meta("term").tolist()
+    assert len(set(valid_terms)) == len(valid_terms)
+    assert not train_terms & set(valid_terms)
+    assert not any(f'"{t}"' in s["messages"][0]["content"] for s in task.train for t in valid_terms)
+    for sample in task.train + task.valid:
+        assert sample["meta"]["term"] in SPORT_TERMS[SPORTS[sample["meta"]["class"]]]
+
+
+def test_mislabeled_sport_small_training_terms_are_distinct_per_class():
+    task = make_task("mislabeled-sport", "small")
+    terms, classes = task.train_meta("term"), task.train_meta("class")
+    assert all(len(set(terms[classes == c])) == 8 for c in range(len(SPORTS)))
+
+
+def test_mislabeled_sport_questions_come_from_the_templates():
+    task = make_task("mislabeled-sport", "full")
+    choices = "football, tennis, basketball or golf"
+    used = set()
+    for sample in task.train + task.valid:
+        question = sample["messages"][0]["content"]
+        forms = [t.format(term=sample["meta"]["term"], choices=choices) for t in SPORT_TEMPLATES]
+        assert question in forms
+        used.add(forms.index(question))
+    assert used == set(range(len(SPORT_TEMPLATES)))
+
+
+def test_sport_terms_are_distinct_and_name_no_sport():
+    terms = [t.lower() for sport in SPORTS for t in SPORT_TERMS[sport]]
+    assert all(len(SPORT_TERMS[sport]) >= 15 for sport in SPORTS)
+    assert len(set(terms)) == len(terms)
+    assert not any(sport in t for sport in SPORTS for t in terms)
 
 
 def test_selection_corrupts_forty_percent_and_leaves_the_rest():
