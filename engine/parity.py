@@ -24,7 +24,7 @@ import torch
 
 from forvalue import kernels
 
-from .forward import LabelStates
+from .runner import LabelStates
 from .valuator import Valuator
 
 VOCABULARIES = ("full", "total_unique", "topk_unique")
