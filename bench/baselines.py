@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from forvalue.engine import ValuationModel
-from forvalue.engine.forward import LabelStates, label_states
+from forvalue.engine import ValuationModel, Valuator
+from forvalue.engine.outputs import LabelStates
 from forvalue.engine.runner import right_padded
-from forvalue.engine.samples import EncodedSample, SampleError, encode_sample
+from forvalue.engine.samples import EncodedSample, encode_sample
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -40,14 +40,7 @@ def encode(model: ValuationModel, samples: Sequence[dict], loss_on: str) -> list
 
 def log_probs(model: ValuationModel, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Log-softmax of the model's transformed logits ``f(W h + b)``, materialised (T x V)."""
-    z = hidden.to(weight.dtype) @ weight.T
-    if model.head_bias is not None:
-        z = z + model.head_bias
-    if model.scale is not None:
-        z = z * model.scale
-    if model.softcap is not None:
-        z = model.softcap * torch.tanh(z / model.softcap)
-    return torch.log_softmax(z, dim=-1)
+    return torch.log_softmax(model.logits(hidden, weight), dim=-1)
 
 
 # ------------------------------------------------------------ last layer, autograd
@@ -55,14 +48,7 @@ def log_probs(model: ValuationModel, hidden: torch.Tensor, weight: torch.Tensor)
 
 def _states(model: ValuationModel, samples: Sequence[dict], loss_on: str,
             batch_tokens: int) -> list[LabelStates]:
-    out: list[LabelStates | SampleError] = [None] * len(samples)
-    for batch in label_states(model, encode(model, samples, loss_on), batch_tokens=batch_tokens,
-                              progress=False):
-        for item in batch:
-            if isinstance(item, SampleError):
-                raise item
-            out[item.index] = item
-    return out
+    return Valuator(model, loss_on=loss_on, batch_tokens=batch_tokens, progress=False).label_states(samples)
 
 
 def _head_gradient(model: ValuationModel, weight: torch.Tensor, states: LabelStates) -> torch.Tensor:

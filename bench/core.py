@@ -109,7 +109,7 @@ def forward_and_value(model: Any, batches: list, gradient: torch.Tensor) -> dict
     for ids, mask, group in batches:
         hidden, labels, sizes = label_rows(model.hidden_states(ids, mask), group)
         scores = kernels.reference_score(hidden, model.head_weight, labels, gradient,
-                                         **model.logit_kwargs())
+                                         **model.transform.kwargs())
         for s, part in zip(group, scores.split(sizes), strict=True):
             values[s["id"]] = float(part.sum())
     return values
@@ -167,7 +167,7 @@ def part_c(model: Any, train: list[dict], valid_lengths: list[int], n_valid: int
     """Both exact routes for ``n_valid`` validation samples of each length against the training
     set, as Valuator.pairwise runs them: one token gram for all of them, or ``G(b)`` built and
     scored against once per sample."""
-    W, kw = model.head_weight, model.logit_kwargs()
+    W, kw = model.head_weight, model.transform.kwargs()
     batches = padded_batches(train)
     rows = [label_rows(model.hidden_states(ids, mask), group)[:2] for ids, mask, group in batches]
     H_A, y_A = torch.cat([h for h, _ in rows]), torch.cat([y for _, y in rows])

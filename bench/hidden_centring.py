@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .baselines import encode, log_probs
+from forvalue.engine import Valuator
+
+from .baselines import log_probs
 from .eval import score_values
 from .tasks import SIZES, make_task
 from .throughput import machine
@@ -41,20 +43,14 @@ TokenStates = tuple[torch.Tensor, torch.Tensor]  # label tokens' hidden states a
 def _token_states(model: Any, samples: Sequence[dict], loss_on: str) -> list[TokenStates]:
     """Per sample, its label tokens' hidden states ``(n, d)`` and errors ``(n, V)`` in float32
     (float64 for a float64 model)."""
-    from forvalue.engine.forward import LabelStates, label_states
-
     dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
-    out: list[TokenStates] = [None] * len(samples)  # type: ignore[list-item]
+    out: list[TokenStates] = []
     with torch.no_grad():
-        for batch in label_states(model, encode(model, samples, loss_on), batch_tokens=4096,
-                                  progress=False):
-            for states in batch:
-                if not isinstance(states, LabelStates):
-                    raise states  # a SampleError: the generated tasks have none
-                hidden = states.hidden.to(dtype)
-                errors = -log_probs(model, hidden, model.head_weight.to(dtype)).exp()
-                errors[torch.arange(len(states.labels)), states.labels] += 1
-                out[states.index] = hidden, errors
+        for states in Valuator(model, loss_on=loss_on, progress=False).label_states(samples):
+            hidden = states.hidden.to(dtype)
+            errors = -log_probs(model, hidden, model.head_weight.to(dtype)).exp()
+            errors[torch.arange(len(states.labels)), states.labels] += 1
+            out.append((hidden, errors))
     return out
 
 
@@ -95,7 +91,7 @@ def diagnose(task_name: str, size: str, seed: int = 0, model_name: str = "smollm
     """The diagnosis on one task, over all label tokens and over each sample's first one:
     metrics of the plain and centred values and the cosines; and how far the plain value over
     all tokens is from the package's Valuator (a check of this script)."""
-    from forvalue.engine import Valuator, load_model
+    from forvalue.engine import load_model
 
     if task_name not in REFERENCE_TASKS:
         raise ValueError(f"the diagnosis values against the validation set: choose one of {REFERENCE_TASKS}")

@@ -81,7 +81,7 @@ def static_batch_values(model: ValuationModel, batch: list[dict], mean: torch.Te
         sizes.append(len(positions))
     states = hidden[rows, predicting]
     scores = kernels.reference_score(states, model.head_weight, torch.tensor(labels), mean,
-                                     **model.logit_kwargs())
+                                     **model.transform.kwargs())
     return [float(part.sum()) for part in scores.double().split(sizes)]
 
 

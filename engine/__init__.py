@@ -1,28 +1,34 @@
-"""The For-Value engine: model loading, samples, valuation, the serving loop."""
+"""The For-Value engine: model loading, samples, valuation, the serving loop.
 
-from .async_engine import AsyncEngine, EngineClosed, EngineOverloaded, ReferenceInfo, ScoreResult
-from .model import ModelError, ValuationModel, load_model
-from .reference import Reference, ReferenceMismatch
-from .samples import EncodedSample, SampleError, SampleList, read_jsonl
-from .valuator import TokenValues, Valuator
+Names are imported on first use, so that ``forvalue.engine.version`` and the light modules
+(configuration, ranking) load without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .version import __version__
 
-__all__ = [
-    "AsyncEngine",
-    "EncodedSample",
-    "EngineClosed",
-    "EngineOverloaded",
-    "ModelError",
-    "Reference",
-    "ReferenceInfo",
-    "ReferenceMismatch",
-    "SampleError",
-    "SampleList",
-    "ScoreResult",
-    "TokenValues",
-    "ValuationModel",
-    "Valuator",
-    "__version__",
-    "load_model",
-    "read_jsonl",
-]
+_EXPORTS = {
+    "AsyncEngine": "async_engine", "EngineClosed": "async_engine", "EngineOverloaded": "async_engine",
+    "ScoreHandle": "async_engine",
+    "ValuationConfig": "config",
+    "ModelError": "model", "ValuationModel": "model", "load_model": "model",
+    "EngineStats": "outputs", "ReferenceInfo": "outputs", "ScoreResult": "outputs", "TokenValues": "outputs",
+    "Covariance": "precondition", "CovarianceMismatch": "precondition",
+    "Reference": "reference", "ReferenceMismatch": "reference",
+    "EncodedSample": "samples", "SampleError": "samples", "SampleList": "samples", "read_jsonl": "samples",
+    "Valuator": "valuator",
+}
+
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'forvalue.engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

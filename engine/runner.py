@@ -25,13 +25,13 @@ import threading
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .model import ValuationModel
+from .outputs import LabelStates, RunnerOutput
 from .request import PartialStates, Request
 from .samples import EncodedSample, SampleError
 from .scheduler import ScheduledChunk, SchedulerOutput
@@ -54,21 +54,6 @@ _PACKING_CHECKS: weakref.WeakKeyDictionary[torch.nn.Module, str | None] = weakre
 
 class PackingUnsupported(RuntimeError):
     """The family cannot run packed (found by the capability check, or forced by the caller)."""
-
-
-@dataclass
-class LabelStates:
-    """A sample's label tokens: the hidden state predicting each one, and the label."""
-
-    index: int
-    sample: EncodedSample
-    hidden: torch.Tensor  # (n, d), model dtype, on the model's device
-    labels: torch.Tensor  # (n,) int64
-    positions: list[int]  # token positions k of the labels (predicted from k - 1)
-    squared_norm: float | None = None  # ||G(x)||^2, filled in when a normalisation needs it
-
-
-StepOutcome = tuple[Request, "LabelStates | SampleError"]
 
 
 # ---------------------------------------------------------------- varlen attention
@@ -292,30 +277,30 @@ class ModelRunner:
         parameters = inspect.signature(model.backbone.forward).parameters
         self._cache_keyword = "cache" if "cache" in parameters else "past_key_values"
 
-    def check_sample(self, sample: EncodedSample) -> SampleError | None:
-        """A sample the model cannot run (ids outside its embedding table), or None."""
+    def check_sample(self, sample: EncodedSample, index: int | None = None) -> None:
+        """Raise SampleError for a sample the model cannot run (ids outside its embedding table)."""
         largest = max(sample.input_ids)
         if largest >= self.vocab_size:
-            return SampleError(f"token id {largest} is outside the model's vocabulary ({self.vocab_size})",
-                               sample_id=sample.id, where=sample.where)
-        return None
+            raise SampleError(f"token id {largest} is outside the model's vocabulary ({self.vocab_size})",
+                              sample_id=sample.id, where=sample.where, index=index)
 
     # ------------------------------------------------------------ forward
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput) -> list[StepOutcome]:
-        """Run one step. Returns the requests it completed, with their label states, and those
-        it failed (non-finite hidden states); a chunk that is not the last returns nothing."""
+    def execute(self, output: SchedulerOutput) -> RunnerOutput:
+        """Run one step: the requests it completed, with their label states, and those it
+        failed (non-finite hidden states); a chunk that is not the last gives neither."""
+        result = RunnerOutput()
         if not output.chunks:
-            return []
+            return result
         if output.is_chunk_step:
-            return self._run_chunk(output.chunks[0])
+            self._run_chunk(output.chunks[0], result)
+            return result
         samples = [chunk.request.sample.input_ids for chunk in output.chunks]
-        outcomes = []
         for chunk, hidden in zip(output.chunks, self._forward_packed(samples), strict=True):
             chunk.request.partial_states.append(_gather(chunk.request.sample, hidden, offset=0))
-            outcomes.append(self._finish(chunk.request))
-        return outcomes
+            self._finish(chunk.request, result)
+        return result
 
     def _forward_packed(self, samples: list[Sequence[int]]) -> list[torch.Tensor]:
         """Per-sample hidden states ``(length, d)`` of whole samples."""
@@ -333,7 +318,7 @@ class ModelRunner:
                     hidden[i] = _forward_padded(self.model, [samples[i]])[0]
         return hidden
 
-    def _run_chunk(self, chunk: ScheduledChunk) -> list[StepOutcome]:
+    def _run_chunk(self, chunk: ScheduledChunk, result: RunnerOutput) -> None:
         request = chunk.request
         if request.kv_cache is None:
             from transformers import DynamicCache
@@ -348,19 +333,20 @@ class ModelRunner:
         partial = _gather(request.sample, out.last_hidden_state[0], offset=chunk.start)
         request.partial_states.append(partial)
         if not torch.isfinite(partial.hidden).all() or chunk.is_last:
-            return [self._finish(request)]
-        return []
+            self._finish(request, result)
 
-    def _finish(self, request: Request) -> StepOutcome:
+    def _finish(self, request: Request, result: RunnerOutput) -> None:
         parts = request.partial_states
         hidden = torch.cat([part.hidden for part in parts])
         sample = request.sample
         if not torch.isfinite(hidden).all():
-            return request, SampleError("the model produced non-finite hidden states (NaN or inf) "
-                                        "for this sample", sample_id=sample.id, where=sample.where)
+            result.failed.append((request, SampleError(
+                "the model produced non-finite hidden states (NaN or inf) for this sample",
+                sample_id=sample.id, where=sample.where, index=request.index)))
+            return
         labels = torch.cat([part.labels for part in parts])
         positions = [k for part in parts for k in part.positions]
-        return request, LabelStates(request.index, sample, hidden, labels, positions)
+        result.finished.append((request, LabelStates(request.index, sample, hidden, labels, positions)))
 
 
 def _gather(sample: EncodedSample, hidden: torch.Tensor, offset: int) -> PartialStates:

@@ -43,20 +43,23 @@ _NO_IMAGES = "image-text samples are not supported yet"
 class SampleError(ValueError):
     """A user mistake in one sample; str() names the sample and where it came from."""
 
-    def __init__(self, message: str, *, sample_id: str | None, where: str) -> None:
+    def __init__(self, message: str, *, sample_id: str | None, where: str,
+                 index: int | None = None) -> None:
         self.message = message
         self.sample_id = sample_id
         self.where = where
+        self.index = index  # the sample's position in the caller's list, when known
         name = "sample" if sample_id is None else f"sample {sample_id!r}"
         super().__init__(f"{name} ({where}): {message}")
 
     def __reduce__(self) -> tuple[Callable[..., SampleError], tuple[Any, ...]]:
         # Keyword-only arguments defeat the default exception pickling (worker processes).
-        return _rebuild_error, (type(self), self.message, self.sample_id, self.where)
+        return _rebuild_error, (type(self), self.message, self.sample_id, self.where, self.index)
 
 
-def _rebuild_error(cls: type[SampleError], message: str, sample_id: str | None, where: str) -> SampleError:
-    return cls(message, sample_id=sample_id, where=where)
+def _rebuild_error(cls: type[SampleError], message: str, sample_id: str | None, where: str,
+                   index: int | None) -> SampleError:
+    return cls(message, sample_id=sample_id, where=where, index=index)
 
 
 class _Invalid(Exception):
@@ -195,10 +198,9 @@ def encode_sample(
             kept = f" in the first {len(input_ids)} tokens kept by max_length" if truncated else ""
             raise _Invalid(f"nothing to value (no label tokens{kept})")
     except _Invalid as error:
-        raise SampleError(str(error), sample_id=sample_id, where=where) from None
-    fallback_id = where if index is None else str(index)
+        raise SampleError(str(error), sample_id=sample_id, where=where, index=index) from None
     return EncodedSample(
-        id=fallback_id if sample_id is None else sample_id,
+        id=sample_id_of(sample, where if index is None else str(index)),
         where=where,
         input_ids=tuple(input_ids),
         label_mask=tuple(label_mask),
@@ -219,6 +221,12 @@ def _sample_id(sample: Any) -> str | None:
     if isinstance(sample, dict) and _valid_id(sample.get("id")):
         return str(sample["id"])
     return None
+
+
+def sample_id_of(sample: Any, fallback: str) -> str:
+    """The name results carry: the sample's own "id", else ``fallback`` (its position)."""
+    own = _sample_id(sample)
+    return fallback if own is None else own
 
 
 def _valid_id(value: Any) -> bool:

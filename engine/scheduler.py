@@ -21,16 +21,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .outputs import RunnerOutput
 from .request import Request, RequestStatus
 
 POLICIES = ("fcfs", "priority")
 # A packed step looks past requests that do not fit the room left, but only this many, so
 # that scheduling stays cheap with a long queue.
 LOOKAHEAD = 256
-
-
-class RequestTooLong(ValueError):
-    """The request is longer than the model accepts (``max_model_len``)."""
 
 
 class QueueFull(RuntimeError):
@@ -41,7 +38,6 @@ class QueueFull(RuntimeError):
 class SchedulerConfig:
     max_batch_tokens: int = 2048
     max_seqs: int = 128
-    max_model_len: int | None = None
     policy: str = "fcfs"
     max_waiting: int | None = None  # None: unbounded (offline jobs that hold their samples anyway)
 
@@ -111,6 +107,11 @@ class Scheduler:
         between_chunks = self._chunked is not None and not self._chunk_in_flight()
         return in_flight + int(between_chunks)
 
+    def num_waiting_tokens(self) -> int:
+        """Tokens still to forward (waiting requests, and the rest of a chunked one)."""
+        chunked = 0 if self._chunked is None else self._chunked.num_remaining_tokens
+        return chunked + sum(request.num_tokens for request in self._waiting)
+
     def has_unfinished(self) -> bool:
         return bool(self._waiting) or self._chunked is not None or self._in_flight is not None
 
@@ -118,11 +119,8 @@ class Scheduler:
         return self.config.max_waiting is None or len(self._waiting) < self.config.max_waiting
 
     def add(self, request: Request) -> None:
-        """Queue a request; raises RequestTooLong or QueueFull (the request is not queued)."""
-        limit = self.config.max_model_len
-        if limit is not None and request.num_tokens > limit:
-            raise RequestTooLong(f"the sample has {request.num_tokens} tokens but the model accepts "
-                                 f"at most {limit} (max_model_len)")
+        """Queue a request; raises QueueFull (the request is not queued). Its length was
+        checked against the model's context when it was encoded."""
         if not self.has_room():
             raise QueueFull(f"the waiting queue is full ({self.config.max_waiting} requests)")
         request.status = RequestStatus.WAITING
@@ -183,10 +181,19 @@ class Scheduler:
                 if request is self._chunked:
                     self._chunked = None
             elif chunk.is_last:
+                request.finish(RequestStatus.FINISHED)
                 completed.append(request)
                 if request is self._chunked:
                     self._chunked = None
         return completed
+
+    def update_from_output(self, output: SchedulerOutput,
+                           result: RunnerOutput) -> tuple[list[Request], list[Request]]:
+        """Record the runner's result of ``output``: the requests it failed are finished as
+        failed and released, the others advance. Returns the requests now complete and those
+        now failed (one cancelled meanwhile is in neither: it was answered when cancelled)."""
+        failed = [request for request, _ in result.failed if self.cancel(request, RequestStatus.FAILED)]
+        return self.update(output), failed
 
     def _expire(self, now: float) -> list[Request]:
         expired = [r for r in self._waiting if r.expired(now)]

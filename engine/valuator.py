@@ -1,13 +1,13 @@
-"""For-Value: values of training samples from one forward pass (DESIGN.md section 1).
+"""For-Value: values of training samples from one forward pass (docs/design.md, "The math").
 
 ``G(x) = sum_t m_t e_t h_t^T`` is never built per training sample: scores run through the
-vocabulary-chunked kernels, which need only the label tokens' final hidden states.
+vocabulary-chunked kernels, which need only the label tokens' final hidden states. Every
+method is a loop over the engine core's step (engine/core.py), the path the server uses.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,22 +15,19 @@ import torch
 
 from forvalue import kernels
 
-from .forward import LabelStates, label_states
+from .config import ERRORS, ValuationConfig
+from .core import BuildTask, EngineCore, ScoreTask
 from .label_math import LabelMath, gram_is_cheaper, hidden_gram, stack
 from .model import ValuationModel
-from .reference import NORMALIZATIONS, Reference
-from .samples import LOSS_ON, SampleError, encode_samples
+from .outputs import Finished, LabelStates, TokenValues
+from .precondition import Covariance, MomentAccumulator, Preconditioner, resolve_damping
+from .reference import Reference
+from .request import Request
+from .samples import SampleError, where_of
+from .scoring import ReferenceBuilder, ResidentReference
 
 ROUTES = ("auto", "gram", "outer")
-
-
-@dataclass(frozen=True)
-class TokenValues:
-    """Per-token contributions ``s_t`` of one sample; they sum to its value."""
-
-    positions: np.ndarray  # token positions k of the labels
-    token_ids: np.ndarray  # the label tokens
-    values: np.ndarray  # float64, normalised like the sample's value
+CovarianceSource = Covariance | Sequence[dict] | None
 
 
 class Valuator:
@@ -38,62 +35,70 @@ class Valuator:
 
     ``loss_on``: "response" (the sample's own label rules) or "all" (every position).
     ``normalize``: "none" (as the paper), "mean" (per label token) or "cosine".
+    ``precondition``: None (the paper's value) or "input": ``<G(a) P, G(b)>`` with
+    ``P = (A + lambda I)^-1``; ``A`` comes from the validation side (``reference``,
+    ``pairwise``), the samples themselves (``self_value``) or ``covariance`` (samples or a
+    Covariance), and ``damping`` sets lambda (default 0.01 for the validation side, 0.1 for
+    ``covariance`` or ``self_value``'s own samples).
     ``errors``: "raise" (a bad sample raises SampleError) or "collect" (its value is NaN and
     methods return ``(values, errors)``); each method can override it.
+    The other options (``batch_tokens``, ``max_length``, ...) are ValuationConfig's; or pass a
+    whole ``config``.
     """
 
-    def __init__(self, model: ValuationModel, loss_on: str = "response", normalize: str = "none", *,
-                 append_eos: bool = False, max_length: int | None = None, batch_tokens: int = 4096,
-                 backend: kernels.Backend = "auto", errors: str = "raise",
-                 progress: bool = True) -> None:
-        if loss_on not in LOSS_ON:
-            raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
-        if normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-        if batch_tokens < 1:
-            raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
+    def __init__(self, model: ValuationModel, loss_on: str | None = None, normalize: str | None = None, *,
+                 config: ValuationConfig | None = None, covariance: CovarianceSource = None,
+                 errors: str = "raise", progress: bool = True, **options: Any) -> None:
+        named = {key: value for key, value in (("loss_on", loss_on), ("normalize", normalize))
+                 if value is not None}
+        self.config = (config or ValuationConfig()).replace(**named, **options)
         self.model = model
-        self.loss_on = loss_on
-        self.normalize = normalize
+        self.math = LabelMath(model, self.config.backend)
         self.errors = _check_errors(errors)
-        self.batch_tokens = batch_tokens
-        self.math = LabelMath(model, backend)
         self.progress = progress
-        self._encode_options = {"loss_on": loss_on, "append_eos": append_eos,
-                                "max_length": max_length, "context_length": model.context_length}
+        if covariance is not None and self.config.precondition is None:
+            raise ValueError("covariance= is an option of precondition='input'")
+        self._covariance_source = covariance
+        self._covariance: Covariance | None = covariance if isinstance(covariance, Covariance) else None
+        if self._covariance is not None:
+            self._covariance.check_compatible(model.identity, self.config.loss_on)
+
+    @property
+    def loss_on(self) -> str:
+        return self.config.loss_on
+
+    @property
+    def normalize(self) -> str:
+        return self.config.normalize
 
     # ----------------------------------------------------------------- public API
 
     def reference(self, samples: Sequence[dict], *, errors: str | None = None) -> Any:
         """Build the Reference (sum and count of ``G(b)``) of a validation set."""
         failures: list[SampleError] = []
-        total = torch.zeros(self.model.head_weight.shape, dtype=self.math.dtype, device=self.model.device)
-        count = 0
-        for batch in self._batches(samples, errors, failures, "reference"):
-            total += self.math.gradient_sum(batch, [1.0 / self._norm(s) for s in batch])
-            count += len(batch)
-        if count == 0:
-            raise ValueError("no valid validation sample to build a reference from")
-        info = {"loss_on": self.loss_on, "skipped": str(len(failures))}
-        ref = Reference(total.cpu(), count, self.normalize, dict(self.model.identity), info)
-        return self._result(errors, failures, ref)
+        builder = ReferenceBuilder(self.math, self.normalize, self.loss_on,
+                                   self.config.precondition, self._damping(own_side=True),
+                                   self._external_covariance(errors))
+        for _ in self._steps(samples, errors, failures, "reference", lambda: BuildTask(builder)):
+            pass
+        return self._result(errors, failures, builder.finish(skipped=len(failures)))
 
     def score(self, samples: Sequence[dict], reference: Reference, *, token_values: bool = False,
               errors: str | None = None) -> Any:
-        """``<G(a), Gbar>`` per training sample (numpy float64, NaN for collected errors);
-        with ``token_values=True`` also a list of TokenValues (None for bad samples)."""
-        reference.check_compatible(self.model.identity, self.normalize)
-        mean_gradient = reference.mean().to(device=self.model.device, dtype=self.math.dtype)
+        """``<G(a), Gbar>`` (``<G(a) P, Gbar>`` preconditioned) per training sample (numpy
+        float64, NaN for collected errors); with ``token_values=True`` also a list of
+        TokenValues (None for bad samples)."""
+        reference.check_compatible(self.model.identity, self.normalize, self.config.precondition,
+                                   self.config.damping)
+        task = ScoreTask(ResidentReference(reference, self.math))
         failures: list[SampleError] = []
         values = np.full(len(samples), np.nan)
         tokens: list[TokenValues | None] = [None] * len(samples)
-        for batch in self._batches(samples, errors, failures, "score"):
-            per_token = self.math.token_scores(batch, mean_gradient)
-            for states, token_scores in zip(batch, per_token, strict=True):
-                token_scores = token_scores / self._norm(states)
-                values[states.index] = float(token_scores.sum())
+        for step in self._steps(samples, errors, failures, "score", lambda: task):
+            for item in step:
+                values[item.request.index] = item.value
                 if token_values:
-                    tokens[states.index] = _token_values(states, token_scores)
+                    tokens[item.request.index] = TokenValues.of(item.states, item.token_scores)
         return self._result(errors, failures, values, *([tokens] if token_values else []))
 
     def pairwise(self, train: Sequence[dict], valid: Sequence[dict], *, route: str = "auto",
@@ -110,8 +115,11 @@ class Valuator:
         cols = self._all_states(valid, errors, failures, "valid")
         matrix = np.full((len(train), len(valid)), np.nan)
         if rows and cols:
-            raw = self._pairwise_raw(rows, cols, route)
-            raw /= np.outer([self._norm(s) for s in rows], [self._norm(s) for s in cols])
+            pre = self._preconditioner(cols, errors, own_side=True)
+            norms = [[self.math.norm(s, self.normalize, pre) for s in side] for side in (rows, cols)]
+            raw = self._pairwise_raw(self._in_space(rows, pre), self._in_space(cols, pre), route,
+                                     self.math.head(pre))
+            raw /= np.outer(*norms)
             matrix[np.ix_([s.index for s in rows], [s.index for s in cols])] = raw
         return self._result(errors, failures, matrix)
 
@@ -119,76 +127,143 @@ class Valuator:
         """``v(x, x) = ||G(x)||^2`` per sample (normalised like every other value)."""
         failures: list[SampleError] = []
         values = np.full(len(samples), np.nan)
-        for batch in self._batches(samples, errors, failures, "self-value"):
-            for states in batch:
-                values[states.index] = self.math.squared_norm(states) / self._norm(states) ** 2
+        states = self._all_states(samples, errors, failures, "self-value")
+        if states:
+            pre = self._preconditioner(states, errors, own_side=False)
+            for item in states:
+                norm = self.math.norm(item, self.normalize, pre)
+                values[item.index] = self.math.squared_norm(item, pre) / norm ** 2
         return self._result(errors, failures, values)
+
+    def covariance(self, samples: Sequence[dict], *, errors: str | None = None) -> Any:
+        """``sum h h^T`` over the label-predicting states of ``samples`` (a Covariance to save
+        and share: ``Valuator(..., precondition="input", covariance=it)``)."""
+        failures: list[SampleError] = []
+        moments = MomentAccumulator(self.model.hidden_size, self.model.device)
+        for step in self._steps(samples, errors, failures, "covariance"):
+            for item in step:
+                moments.add(item.states.hidden, item.states.sample.input_ids, item.states.sample.label_mask)
+        if moments.tokens == 0:
+            raise ValueError("no valid sample to build a covariance from")
+        return self._result(errors, failures, moments.covariance(self.model.identity, self.loss_on))
+
+    def label_states(self, samples: Sequence[dict], *, errors: str | None = None) -> Any:
+        """Each sample's label states (the hidden states predicting its labels, and the
+        labels), in sample order; None in a collected bad sample's slot."""
+        failures: list[SampleError] = []
+        out: list[LabelStates | None] = [None] * len(samples)
+        for states in self._all_states(samples, errors, failures, "forward"):
+            out[states.index] = states
+        return self._result(errors, failures, out)
 
     # ------------------------------------------------------------ forward passes
 
-    def _batches(self, samples: Sequence[dict], errors: str | None, failures: list[SampleError],
-                 desc: str) -> Iterator[list[LabelStates]]:
-        """Encoded, forwarded samples, one forward batch at a time; bad samples raise or are
-        collected into ``failures``."""
+    def _steps(self, samples: Sequence[dict], errors: str | None, failures: list[SampleError], desc: str,
+               task: Any = lambda: None) -> Iterator[list[Finished]]:
+        """Admit every sample, then step to completion; yields each step's finished requests.
+        Bad samples raise or are collected into ``failures``."""
         mode = _check_errors(errors or self.errors)
+        core = EngineCore(self.model, self.config, math=self.math)
         if self.model.tokenizer is None and any(_needs_tokenizer(s) for s in samples):
             raise ValueError("the model was loaded without a tokenizer; pass tokenizer= to "
                              "load_model or give pre-tokenised samples")
-        encoded, bad = encode_samples(samples, self.model.tokenizer, errors=mode,
-                                      **self._encode_options)
-        failures.extend(bad)
-        for batch in label_states(self.model, encoded, batch_tokens=self.batch_tokens,
-                                  progress=self.progress, desc=desc):
-            good = [item for item in batch if isinstance(item, LabelStates)]
-            for item in batch:
-                if isinstance(item, SampleError):
-                    if mode == "raise":
-                        raise item
-                    failures.append(item)
-            if good:
-                yield good
+        for index, sample in enumerate(samples):
+            try:
+                encoded = core.encode(sample, where=where_of(samples, index), index=index)
+            except SampleError as error:
+                if mode == "raise":
+                    raise
+                failures.append(error)
+                continue
+            core.add_request(Request(encoded, index=index, task=task()))
+        for step in core.run_to_completion(progress=self.progress, desc=desc):
+            for request, reason in step.failed:
+                error = SampleError(reason, sample_id=request.sample.id, where=request.sample.where,
+                                    index=request.index)
+                if mode == "raise":
+                    raise error
+                failures.append(error)
+            if step.finished:
+                yield step.finished
 
     def _all_states(self, samples: Sequence[dict], errors: str | None, failures: list[SampleError],
                     desc: str) -> list[LabelStates]:
-        return [states for batch in self._batches(samples, errors, failures, desc) for states in batch]
+        return [item.states for step in self._steps(samples, errors, failures, desc) for item in step]
 
     def _result(self, errors: str | None, failures: list[SampleError], *outputs: Any) -> Any:
         if (errors or self.errors) == "collect":
             return (*outputs, failures)
         return outputs[0] if len(outputs) == 1 else outputs
 
+    # ------------------------------------------------------------ preconditioning
+
+    def _damping(self, own_side: bool) -> float | None:
+        """The configured damping, else the default of where ``A`` comes from."""
+        from_pool = not own_side or self._covariance_source is not None
+        return resolve_damping(self.config.precondition, self.config.damping, from_pool)
+
+    def _external_covariance(self, errors: str | None) -> Covariance | None:
+        """The covariance given as samples is built on first use (a forward pass of its own)."""
+        if self.config.precondition is None or self._covariance_source is None:
+            return None
+        if self._covariance is None:
+            self._covariance = self.covariance(self._covariance_source, errors="raise")
+        return self._covariance
+
+    def _preconditioner(self, own: list[LabelStates], errors: str | None,
+                        own_side: bool) -> Preconditioner | None:
+        if self.config.precondition is None:
+            return None
+        damping = self._damping(own_side)
+        external = self._external_covariance(errors)
+        if external is not None:
+            return external.preconditioner(damping)
+        moments = MomentAccumulator(self.model.hidden_size, self.model.device)
+        for states in own:
+            moments.add(states.hidden)
+        return Preconditioner(moments.moment_sum, moments.tokens, damping)
+
+    def _in_space(self, states: list[LabelStates], pre: Preconditioner | None) -> list[LabelStates]:
+        return [self.math.whiten(s, pre) for s in states]
+
     # --------------------------------------------------------------- the math
 
-    def _norm(self, states: LabelStates) -> float:
-        return self.math.norm(states, self.normalize)
-
-    def _pairwise_raw(self, rows: list[LabelStates], cols: list[LabelStates], route: str) -> np.ndarray:
+    def _pairwise_raw(self, rows: list[LabelStates], cols: list[LabelStates], route: str,
+                      head: torch.Tensor) -> np.ndarray:
+        """Raw ``v`` of states in one space: plain, or whitened with the whitened head."""
         train_tokens = sum(len(s.positions) for s in rows)
         d = self.model.hidden_size
         gram_cols = [j for j, s in enumerate(cols) if route == "gram" or (
             route == "auto" and gram_is_cheaper(train_tokens, len(s.positions), d))]
         outer_cols = [j for j in range(len(cols)) if j not in set(gram_cols)]
         raw = np.zeros((len(rows), len(cols)))
-        row_blocks = _token_blocks(rows, self.batch_tokens)
-        for col_block in _token_blocks([cols[j] for j in gram_cols], self.batch_tokens):
+        batch_tokens = self.config.batch_tokens
+        row_blocks = _token_blocks(rows, batch_tokens)
+        for col_block in _token_blocks([cols[j] for j in gram_cols], batch_tokens):
             for row_block in row_blocks:
-                raw[np.ix_(row_block.members, [gram_cols[j] for j in col_block.members])] = \
-                    self._gram_values([rows[i] for i in row_block.members],
-                                      [cols[gram_cols[j]] for j in col_block.members])
+                raw[np.ix_(row_block, [gram_cols[j] for j in col_block])] = \
+                    self._gram_values([rows[i] for i in row_block], [cols[gram_cols[j]] for j in col_block],
+                                      head)
         for j in outer_cols:
-            gradient = kernels.error_outer(cols[j].hidden, self.model.head_weight, cols[j].labels,
-                                           **self.math.kernel_kwargs())
+            gradient = kernels.error_outer(cols[j].hidden, head, cols[j].labels, **self.math.kernel_kwargs())
             for row_block in row_blocks:
-                scores = self.math.token_scores([rows[i] for i in row_block.members], gradient)
-                raw[row_block.members, j] = [float(s.sum()) for s in scores]
+                raw[row_block, j] = [float(s.sum()) for s in self._outer_scores(
+                    [rows[i] for i in row_block], gradient, head)]
         return raw
 
-    def _gram_values(self, rows: list[LabelStates], cols: list[LabelStates]) -> np.ndarray:
+    def _outer_scores(self, rows: list[LabelStates], gradient: torch.Tensor,
+                      head: torch.Tensor) -> list[torch.Tensor]:
+        hidden, labels, sizes = stack(rows)
+        scores = kernels.reference_score(hidden, head, labels, gradient, **self.math.kernel_kwargs())
+        return list(scores.double().cpu().split(sizes))
+
+    def _gram_values(self, rows: list[LabelStates], cols: list[LabelStates],
+                     head: torch.Tensor) -> np.ndarray:
         """``v(a, b)`` for blocks of samples through the token gram, summed per sample pair."""
         row_hidden, row_labels, row_sizes = stack(rows)
         col_hidden, col_labels, col_sizes = stack(cols)
-        gram = kernels.error_gram(row_hidden, row_labels, col_hidden, col_labels,
-                                  self.model.head_weight, **self.math.kernel_kwargs())
+        gram = kernels.error_gram(row_hidden, row_labels, col_hidden, col_labels, head,
+                                  **self.math.kernel_kwargs())
         tokens = gram.mul_(hidden_gram(row_hidden, col_hidden, gram.dtype)).double()
         row_ids = _segment_ids(row_sizes, tokens.device)
         col_ids = _segment_ids(col_sizes, tokens.device)
@@ -199,12 +274,7 @@ class Valuator:
         return per_pair.cpu().numpy()
 
 
-@dataclass(frozen=True)
-class _Block:
-    members: list[int]
-
-
-def _token_blocks(states: list[LabelStates], max_tokens: int) -> list[_Block]:
+def _token_blocks(states: list[LabelStates], max_tokens: int) -> list[list[int]]:
     """Consecutive samples grouped so that a block holds at most ``max_tokens`` labels
     (a longer sample gets a block of its own)."""
     blocks: list[list[int]] = []
@@ -216,7 +286,7 @@ def _token_blocks(states: list[LabelStates], max_tokens: int) -> list[_Block]:
             size = 0
         blocks[-1].append(i)
         size += n
-    return [_Block(members) for members in blocks]
+    return blocks
 
 
 def _segment_ids(sizes: list[int], device: torch.device) -> torch.Tensor:
@@ -224,16 +294,11 @@ def _segment_ids(sizes: list[int], device: torch.device) -> torch.Tensor:
                                    torch.tensor(sizes, device=device))
 
 
-def _token_values(states: LabelStates, scores: torch.Tensor) -> TokenValues:
-    return TokenValues(np.asarray(states.positions), states.labels.cpu().numpy(),
-                       scores.numpy().astype(np.float64))
-
-
 def _needs_tokenizer(sample: Any) -> bool:
     return isinstance(sample, dict) and "input_ids" not in sample
 
 
 def _check_errors(errors: str) -> str:
-    if errors not in ("raise", "collect"):
+    if errors not in ERRORS:
         raise ValueError(f"errors must be 'raise' or 'collect', got {errors!r}")
     return errors

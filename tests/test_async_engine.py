@@ -32,14 +32,14 @@ class Gate:
     def __init__(self, engine):
         self.open = threading.Event()
         self.entered = threading.Event()
-        execute = engine.runner.execute
+        execute = engine.core.runner.execute
 
         def gated(step):
             self.entered.set()
             self.open.wait(timeout=30)
             return execute(step)
 
-        engine.runner.execute = gated
+        engine.core.runner.execute = gated
 
 
 def answers_counted(engine):
@@ -66,7 +66,7 @@ def test_scores_and_references_equal_the_valuator(normalize, kind):
 
     async def main():
         # A budget of 20 tokens chunks the longer samples.
-        async with AsyncEngine(model(kind), max_batch_tokens=20, max_seqs=3) as engine:
+        async with AsyncEngine(model(kind), batch_tokens=20, max_seqs=3) as engine:
             info = await engine.build_reference("valid", valid, normalize=normalize)
             assert (info.count, info.normalize, info.version) == (4, normalize, 1)
             torch.testing.assert_close(engine.get_reference("valid").gradient_sum, ref.gradient_sum)
@@ -89,7 +89,7 @@ def test_short_requests_finish_before_an_earlier_long_one():
     shorts = random_samples(3, seed=4, max_len=6)
 
     async def main():
-        async with AsyncEngine(model(), max_batch_tokens=8) as engine:
+        async with AsyncEngine(model(), batch_tokens=8) as engine:
             engine.put_reference("v", valuator().reference(shorts))
             order = []
 
@@ -107,7 +107,7 @@ def test_overload_cancel_deadline_and_bad_samples_each_get_their_answer():
     samples = random_samples(6, seed=5)
 
     async def main():
-        engine = AsyncEngine(model(), max_batch_tokens=64, max_waiting=2)
+        engine = AsyncEngine(model(), batch_tokens=64, max_waiting=2)
         engine.put_reference("v", valuator().reference(samples[:2]))
         gate = Gate(engine)
         async with engine:
@@ -149,7 +149,7 @@ def test_cancelling_the_caller_cancels_the_request():
             caller.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await caller
-            assert engine.scheduler.num_waiting == 0
+            assert engine.core.scheduler.num_waiting == 0
             gate.open.set()
             await blocker
         return answered, engine.stats()
@@ -188,7 +188,7 @@ def test_references_merge_list_and_drop():
     whole = v.reference(valid)
 
     async def main():
-        async with AsyncEngine(model(), max_batch_tokens=32) as engine:
+        async with AsyncEngine(model(), batch_tokens=32) as engine:
             await engine.build_reference("v", valid[:2])
             bad = {"id": "bad", "input_ids": [1]}
             info = await engine.build_reference("v", [*valid[2:], bad], merge=True)
@@ -210,7 +210,7 @@ def test_drain_answers_everything_then_refuses_new_work():
     samples = random_samples(8, seed=12)
 
     async def main():
-        engine = AsyncEngine(model(), max_batch_tokens=16)
+        engine = AsyncEngine(model(), batch_tokens=16)
         engine.put_reference("v", valuator().reference(samples[:2]))
         async with engine:
             handles = [engine.submit(s, "v") for s in samples]
@@ -251,7 +251,7 @@ def test_stream_applies_backpressure_and_stats_read_as_prometheus():
     samples = random_samples(12, seed=13)
 
     async def main():
-        async with AsyncEngine(model(), max_batch_tokens=24, max_waiting=3) as engine:
+        async with AsyncEngine(model(), batch_tokens=24, max_waiting=3) as engine:
             engine.put_reference("v", valuator().reference(samples[:3]))
             results = [r async for r in engine.score_stream(samples, "v")]
             return results, engine.stats(), engine.prometheus_text()
@@ -321,7 +321,7 @@ def test_every_request_gets_exactly_one_answer(submitters, max_waiting, policy):
         return outcomes
 
     async def main():
-        engine = AsyncEngine(model(), max_batch_tokens=16, max_seqs=2, max_waiting=max_waiting,
+        engine = AsyncEngine(model(), batch_tokens=16, max_seqs=2, max_waiting=max_waiting,
                              policy=policy)
         engine.put_reference("v", reference)
         answered = answers_counted(engine)
@@ -354,7 +354,7 @@ def test_cuda_engine_scores_equal_the_float64_valuator():
     gpu_model = load_model(tiny_model("untied", seed=21), device="cuda", dtype=torch.float32)
 
     async def main():
-        async with AsyncEngine(gpu_model, max_batch_tokens=24) as engine:
+        async with AsyncEngine(gpu_model, batch_tokens=24) as engine:
             await engine.build_reference("valid", valid)
             return await asyncio.gather(*[engine.score(s, "valid") for s in train])
 
@@ -375,7 +375,7 @@ def test_a_stream_waits_for_results_without_spinning(monkeypatch):
     monkeypatch.setattr(asyncio.Queue, "get", counted_get)
 
     async def main():
-        engine = AsyncEngine(model(), max_batch_tokens=16)
+        engine = AsyncEngine(model(), batch_tokens=16)
         engine.put_reference("v", valuator().reference(samples))
         gate = Gate(engine)
         async with engine:

@@ -11,8 +11,9 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, Mistral
 from forvalue.engine import load_model
 from forvalue.engine import runner as runner_module
 from forvalue.engine.label_math import LabelMath
-from forvalue.engine.request import Request, RequestStatus
-from forvalue.engine.runner import LabelStates, ModelRunner, PackingUnsupported
+from forvalue.engine.outputs import LabelStates
+from forvalue.engine.request import Request
+from forvalue.engine.runner import ModelRunner, PackingUnsupported
 from forvalue.engine.samples import EncodedSample, SampleError
 from forvalue.engine.scheduler import Scheduler, SchedulerConfig
 
@@ -69,11 +70,10 @@ def run(runner, samples, budget, max_seqs=64):
     results = {}
     while scheduler.has_unfinished():
         output = scheduler.schedule()
-        for request, states in runner.execute(output):
+        result = runner.execute(output)
+        for request, states in result.finished + result.failed:
             results[request.index] = states
-            if isinstance(states, SampleError):  # a failed chunked request stops there
-                scheduler.cancel(request, RequestStatus.FAILED)
-        scheduler.update(output)
+        scheduler.update_from_output(output, result)
     return [results[i] for i in range(len(samples))]
 
 
@@ -184,9 +184,9 @@ def test_unknown_ids_and_non_finite_states_are_sample_errors():
         hf.model.embed_tokens.weight[7] = float("nan")
     model = load_model(hf, dtype=torch.float64)
     runner = ModelRunner(model)
-    error = runner.check_sample(encoded([1, VOCAB + 3], name="oov"))
-    assert isinstance(error, SampleError) and "outside the model's vocabulary" in str(error)
-    assert runner.check_sample(encoded([1, 2])) is None
+    with pytest.raises(SampleError, match="outside the model's vocabulary"):
+        runner.check_sample(encoded([1, VOCAB + 3], name="oov"))
+    runner.check_sample(encoded([1, 2]))  # in range: no error
     poisoned, clean = encoded([3, 7, 5, 1], name="bad"), encoded([3, 4, 5], name="good")
     for budget in (64, 2):  # packed, then chunked (the NaN is in the first chunk)
         packed = run(runner, [poisoned, clean], budget=budget)

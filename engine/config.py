@@ -1,0 +1,105 @@
+"""The valuation options: one frozen dataclass, validated once.
+
+The Valuator, the engine core, the serving loop and every command of the CLI take their
+options from ``ValuationConfig``; the CLI builds its flags from the field metadata below
+(``forvalue.bindings.options``), so an option has one name, one default and one check.
+A command that needs another default declares it once, here, with its reason
+(``COMMAND_DEFAULTS``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+LOSS_ON = ("response", "all")
+NORMALIZATIONS = ("none", "mean", "cosine")
+ATTENTION_MODES = ("auto", "varlen", "buckets")
+BACKENDS = ("auto", "torch", "triton")
+POLICIES = ("fcfs", "priority")
+PRECONDITIONERS = (None, "input")
+ERRORS = ("raise", "collect")
+
+# Which commands show an option (the serving options are the server's alone).
+JOBS = ("score", "select", "serve")
+SERVING = ("serve",)
+
+
+def _option(default: Any, help: str, *, commands: tuple[str, ...] = JOBS, choices: tuple | None = None,
+            aliases: tuple[str, ...] = ()) -> Any:
+    metadata = {"help": help, "commands": commands, "choices": choices, "aliases": aliases}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class ValuationConfig:
+    """How samples are labelled, valued and batched. Invalid values raise ValueError."""
+
+    loss_on: str = _option("response", "label tokens: the sample's own rules (response) or every "
+                           "position from the second on (all)", choices=LOSS_ON)
+    normalize: str = _option("none", "divide each G(x) by nothing (none, as the paper), its label "
+                             "count (mean) or its norm (cosine)", choices=NORMALIZATIONS)
+    precondition: str | None = _option(None, "input: the inner product under (A + lambda I)^-1, A the "
+                                "covariance of the hidden states that enter G", choices=PRECONDITIONERS)
+    damping: float | None = _option(None, "lambda = damping * tr(A) / d (default: 0.01 when A comes "
+                                    "from the validation set, 0.1 otherwise)")
+    append_eos: bool = _option(False, "append the tokenizer's EOS to prompt/response samples")
+    max_length: int | None = _option(None, "truncate longer samples (keeps the start) instead of "
+                                     "refusing them")
+    batch_tokens: int = _option(4096, "tokens per forward step", aliases=("--max-batch-tokens",))
+    max_seqs: int = _option(256, "samples per forward step (packed steps of short samples)")
+    attention: str = _option("auto", "packed attention per segment (varlen), padded length buckets "
+                             "(buckets), or whichever the model's probe allows (auto)",
+                             choices=ATTENTION_MODES)
+    backend: str = _option("auto", "kernel implementation: Triton on CUDA, chunked torch on CPU "
+                           "(auto), or forced", choices=BACKENDS)
+    policy: str = _option("fcfs", "order of waiting requests: first come first served, or by "
+                          "priority (lower first)", commands=SERVING, choices=POLICIES)
+    max_waiting: int | None = _option(None, "bound of the waiting queue (None: unbounded)", commands=())
+    max_queue_delay: float = _option(0.0, "seconds to wait, after a step that answered requests, "
+                                     "for the callers' next samples", commands=())
+
+    def __post_init__(self) -> None:
+        if self.precondition == "none":  # the CLI's spelling of None
+            object.__setattr__(self, "precondition", None)
+        for name in ("loss_on", "normalize", "precondition", "attention", "backend", "policy"):
+            choices = self.metadata(name)["choices"]
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        _check_positive("batch_tokens", self.batch_tokens)
+        _check_positive("max_seqs", self.max_seqs)
+        _check_positive("max_length", self.max_length)
+        _check_positive("max_waiting", self.max_waiting)
+        if self.damping is not None and not self.damping > 0:
+            raise ValueError(f"damping must be > 0, got {self.damping}")
+        if self.damping is not None and self.precondition is None:
+            raise ValueError("damping is an option of precondition='input'")
+        if not self.max_queue_delay >= 0:
+            raise ValueError(f"max_queue_delay must be >= 0 seconds, got {self.max_queue_delay}")
+
+    @classmethod
+    def metadata(cls, name: str) -> dict[str, Any]:
+        return cls.__dataclass_fields__[name].metadata
+
+    @classmethod
+    def for_command(cls, command: str, **options: Any) -> ValuationConfig:
+        """The config of ``command`` (its declared defaults, then ``options``)."""
+        return cls(**{**COMMAND_DEFAULTS.get(command, {}), **options})
+
+    def replace(self, **changes: Any) -> ValuationConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# Per-command defaults, each with its reason.
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
+    # A serving step is what a newly arrived sample waits behind: a smaller token budget keeps
+    # that wait short; 128 samples a step is plenty at that budget. The queue delay lets
+    # closed-loop callers (next sample sent on the previous result) join the next step.
+    "serve": {"batch_tokens": 2048, "max_seqs": 128, "max_queue_delay": 0.002},
+}
+
+
+def _check_positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be positive, got {value}")
