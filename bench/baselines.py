@@ -14,8 +14,6 @@ Every function returns values where higher means more helpful, as For-Value's do
 
 from __future__ import annotations
 
-import copy
-import random
 import re
 import time
 from collections.abc import Sequence
@@ -28,8 +26,7 @@ from forvalue.engine import ValuationModel, Valuator
 from forvalue.engine.outputs import LabelStates
 from forvalue.engine.runner import right_padded
 from forvalue.engine.samples import EncodedSample, encode_sample
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+from forvalue.engine.warmup import LORA_TARGETS, label_nll, lora_copy, train_lora
 
 
 def encode(model: ValuationModel, samples: Sequence[dict], loss_on: str) -> list[EncodedSample]:
@@ -131,19 +128,12 @@ def lora_gradients(model: ValuationModel, train: Sequence[dict], valid: Sequence
                    target_modules: Sequence[str] = LORA_TARGETS) -> LoraGradients:
     """Warm up LoRA adapters (a copy of the backbone; the model is untouched) for one epoch
     with AdamW, then take every sample's gradient by its own backward pass."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    torch.manual_seed(seed)  # LoRA's A factors are initialised at random
-    backbone = copy.deepcopy(model.backbone)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules))
-    backbone = inject_adapter_in_model(config, backbone)
-    params = [(name, p) for name, p in backbone.named_parameters() if "lora_" in name]
-    for _, p in params:
-        p.requires_grad_(True)
+    lora = lora_copy(model, rank=rank, alpha=alpha, seed=seed, target_modules=target_modules)
+    backbone, params = lora.backbone, lora.params
     train_encoded, valid_encoded = encode(model, train, loss_on), encode(model, valid, loss_on)
 
     start = time.perf_counter()
-    optimizer = _warm_up(model, backbone, [p for _, p in params], train_encoded, lr, batch_size, seed)
+    optimizer, _ = train_lora(model, lora, train_encoded, lr=lr, batch_size=batch_size, seed=seed)
     warmup_seconds = time.perf_counter() - start
 
     start, start_cpu = time.perf_counter(), time.process_time()
@@ -161,41 +151,13 @@ def lora_gradients(model: ValuationModel, train: Sequence[dict], valid: Sequence
         gradient_cpu_seconds=gradient_cpu_seconds)
 
 
-def _label_nll(model: ValuationModel, backbone: torch.nn.Module,
-               samples: list[EncodedSample]) -> torch.Tensor:
-    """Per-sample mean negative log-likelihood of the labels, ``(batch,)``, with grad."""
-    ids, mask = right_padded([s.input_ids for s in samples])
-    hidden = backbone(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                      use_cache=False).last_hidden_state
-    losses = []
-    for row, s in enumerate(samples):
-        positions = torch.tensor(s.label_positions(), device=model.device)
-        logp = log_probs(model, hidden[row, positions - 1], model.head_weight)
-        labels = torch.tensor([s.input_ids[k] for k in s.label_positions()], device=model.device)
-        losses.append(-logp.gather(1, labels[:, None]).mean())
-    return torch.stack(losses)
-
-
-def _warm_up(model: ValuationModel, backbone: torch.nn.Module, params: list[torch.Tensor],
-             samples: list[EncodedSample], lr: float, batch_size: int, seed: int) -> torch.optim.AdamW:
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    order = list(range(len(samples)))
-    random.Random(seed).shuffle(order)
-    for first in range(0, len(order), batch_size):
-        batch = [samples[i] for i in order[first:first + batch_size]]
-        optimizer.zero_grad()
-        _label_nll(model, backbone, batch).mean().backward()
-        optimizer.step()
-    return optimizer
-
-
 def _per_sample_gradients(model: ValuationModel, backbone: torch.nn.Module,
                           params: list[tuple[str, torch.Tensor]],
                           samples: list[EncodedSample]) -> torch.Tensor:
     tensors = [p for _, p in params]
     out = torch.empty((len(samples), sum(p.numel() for p in tensors)), dtype=torch.float32)
     for row, sample in enumerate(samples):
-        grads = torch.autograd.grad(_label_nll(model, backbone, [sample])[0], tensors)
+        grads = torch.autograd.grad(label_nll(model, backbone, [sample])[0], tensors)
         out[row] = torch.cat([g.reshape(-1) for g in grads]).float().cpu()
     return out
 

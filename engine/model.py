@@ -37,6 +37,7 @@ class ValuationModel:
     tokenizer: Any | None
     context_length: int | None
     identity: dict[str, str] = field(default_factory=dict)
+    causal_lm: torch.nn.Module | None = None  # the whole model (LoRA warm-up), never run to value
 
     @property
     def device(self) -> torch.device:
@@ -160,7 +161,7 @@ def _wrap(hf_model: torch.nn.Module, tokenizer: Any | None, name: str) -> Valuat
     model = ValuationModel(
         name=name, backbone=backbone, head_weight=head.weight.detach(),
         transform=LogitTransform(bias, scale, float(softcap) if softcap else None), tokenizer=tokenizer,
-        context_length=getattr(config, "max_position_embeddings", None))
+        context_length=getattr(config, "max_position_embeddings", None), causal_lm=hf_model)
     _check_probe(hf_model, model)
     model.identity = _identity(hf_model, model)
     return model

@@ -55,3 +55,23 @@ def test_missing_adapter_is_a_clear_error(adapted, tmp_path):
     base_dir, _, _ = adapted
     with pytest.raises(ModelError, match="not a local PEFT adapter"):
         load_model(str(base_dir), adapter=str(tmp_path / "nowhere"))
+
+
+def test_warmup_saves_an_adapter_that_load_model_merges(tmp_path):
+    from forvalue.engine.warmup import warmup
+
+    hf = tiny_model("untied", seed=42)
+    model = load_model(hf, dtype=torch.float64)
+    samples = random_samples(8, seed=43)
+    result = warmup(model, samples, tmp_path / "adapter", epochs=2, rank=4, lr=1e-2, batch_size=3,
+                    progress=False)
+    assert (result.adapter / "adapter_config.json").exists() and result.steps == 6
+    assert result.losses[1] < result.losses[0]  # it learned something from the pool
+    warmed = load_model(tiny_model("untied", seed=42), dtype=torch.float64, adapter=result.adapter)
+    ids = torch.tensor([samples[0]["input_ids"]])
+    before = model.hidden_states(ids, torch.ones_like(ids))
+    after = warmed.hidden_states(ids, torch.ones_like(ids))
+    assert not torch.allclose(before, after)  # the adapter moved the hidden states
+    assert warmed.identity["model_hash"] != model.identity["model_hash"]
+    with pytest.raises(ValueError, match="positive"):
+        warmup(model, samples, tmp_path / "bad", epochs=0)
