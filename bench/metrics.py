@@ -2,34 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-
-def roc_auc(scores: np.ndarray, positives: np.ndarray) -> float:
-    """Probability that a random positive outscores a random negative (ties count one half),
-    i.e. the Mann-Whitney statistic; NaN when one of the two groups is empty."""
-    scores = np.asarray(scores, dtype=np.float64)
-    positives = np.asarray(positives, dtype=bool)
-    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    ranks = _average_ranks(scores)
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, tied values sharing their mean rank."""
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values))
-    sorted_values = values[order]
-    start = 0
-    for stop in range(1, len(values) + 1):
-        if stop == len(values) or sorted_values[stop] != sorted_values[start]:
-            ranks[order[start:stop]] = (start + stop + 1) / 2
-            start = stop
-    return ranks
+from forvalue.engine.ranking import roc_auc
 
 
 def roc_curve(scores: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -85,6 +60,17 @@ def mislabel_metrics(values: np.ndarray, flipped: np.ndarray) -> dict[str, float
     return {"auc_mean": roc_auc(-values, flipped), "auc_std": 0.0,
             "recall_mean": float(flipped[lowest].mean()),
             "clean_share_top": float((~flipped[highest]).mean())}
+
+
+def per_class_mislabel_metrics(pairwise: np.ndarray, train_classes: np.ndarray, flipped: np.ndarray,
+                               valid_classes: np.ndarray) -> dict[str, float]:
+    """The official code's mislabel metric: per validation sample, the AUC of its column of
+    values for the clean training samples of its class (against every other training
+    sample); mean and std over validation samples."""
+    clean = ~np.asarray(flipped, dtype=bool)
+    aucs = np.array([roc_auc(pairwise[:, j], (train_classes == c) & clean)
+                     for j, c in enumerate(valid_classes)])
+    return {"per_class_auc_mean": float(aucs.mean()), "per_class_auc_std": float(aucs.std())}
 
 
 def clean_share(values: np.ndarray, clean: np.ndarray, ratio: float) -> float:

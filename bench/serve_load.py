@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from forvalue.bindings import AsyncClient
-from forvalue.bindings.server import DEFAULT_QUEUE_DELAY_MS
+from forvalue.bindings.serve import DEFAULT_QUEUE_DELAY_MS
 from forvalue.engine import Reference, ValuationModel, Valuator, load_model
 from forvalue.engine.async_engine import AsyncEngine
 
@@ -137,7 +137,7 @@ class ServerProcess:
     """``forvalue serve`` in a subprocess, on a free loopback port."""
 
     def __init__(self, model: str, reference: Path, queue_delay_ms: float) -> None:
-        command = [sys.executable, "-m", "forvalue.bindings.server", "--model", model, "--port", "0",
+        command = [sys.executable, "-m", "forvalue.bindings.cli", "serve", "--model", model, "--port", "0",
                    "--reference", f"valid={reference}", "--max-queue-delay-ms", str(queue_delay_ms)]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -1,5 +1,14 @@
 """The ways in: the ``forvalue`` CLI, the gRPC server and its Python clients."""
 
-from .client import AsyncClient, Client, ReferenceInfo, Result, ServerError, TokenValues
+from typing import Any
 
 __all__ = ["AsyncClient", "Client", "ReferenceInfo", "Result", "ServerError", "TokenValues"]
+
+
+def __getattr__(name: str) -> Any:
+    # The clients import grpc: load them when asked for, so that the CLI starts without it.
+    if name in __all__:
+        from . import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,6 +8,7 @@ least valuable samples with the tokens that drove their values, and a plot.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -15,13 +16,15 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from forvalue.engine.ranking import roc_auc
 
 MODEL = "smollm2-135m"
 # Chosen by measuring the AUC of this task on seeds 0-2: response + cosine 0.95-0.97, all +
@@ -93,31 +96,6 @@ def make_task(seed: int = 0, n_train: int = N_TRAIN, n_valid: int = N_VALID,
     return DemoTask(train, valid)
 
 
-def roc_auc(scores: Sequence[float], positives: Sequence[bool]) -> float:
-    """Probability that a random positive scores above a random negative, ties counting one
-    half (the Mann-Whitney statistic, from average ranks)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    positives = np.asarray(positives, dtype=bool)
-    if scores.shape != positives.shape or scores.ndim != 1:
-        raise ValueError("scores and positives must be 1-D and of the same length")
-    if not np.isfinite(scores).all():
-        raise ValueError("scores must be finite")
-    n_pos = int(positives.sum())
-    n_neg = len(positives) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("the AUC needs at least one positive and one negative")
-    return float((_average_ranks(scores)[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks; tied values share the mean of their ranks."""
-    order = np.argsort(values, kind="mergesort")
-    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
-    ranks = np.empty(len(values))
-    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)
-    return ranks
-
-
 def _chat(sample_id: str, item: tuple[str, str], wrong: str | None = None) -> dict[str, Any]:
     word, opposite = item
     return {
@@ -170,6 +148,25 @@ def run_demo(out: str | os.PathLike[str], *, seed: int = 0, model_name: str = MO
     files = _write_outputs(out, task, rows, auc, _summary(model_name, seed, task, auc, seconds))
     _report(stream, model_name, seed, task, rows, auc, seconds, files)
     return DemoResult(auc, values, seconds, files)
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``forvalue demo`` (none is needed)."""
+    parser.description = ("Build a small seeded chat task with a fifth of the answers wrong, value every "
+                          "training sample against a clean validation set, and report how well low "
+                          "values find the wrong answers. Needs no arguments and no network.")
+    parser.add_argument("--out", type=Path, default=Path("forvalue-demo"),
+                        help="folder for values.jsonl, train.jsonl, valid.jsonl, summary.json and "
+                             "values.png (default: ./forvalue-demo)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated task (default: 0)")
+    parser.add_argument("--model", default=MODEL,
+                        help=f"embedded model name or local Hugging Face model folder (default: {MODEL})")
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    """``forvalue demo``; returns the exit status."""
+    run_demo(args.out, seed=args.seed, model_name=args.model)
+    return 0
 
 
 @contextmanager

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from forvalue.bindings.batch import JobFiles, Shard, merge_shards, run_score, select_top
+from forvalue.bindings.batch import run_score, select_top
+from forvalue.bindings.shards import JobFiles, Shard, merge_shards
 from forvalue.engine import Valuator, load_model
 from forvalue.engine.readers import read_samples
 

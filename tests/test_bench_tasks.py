@@ -1,6 +1,5 @@
 """Task generators (seeded, sized right, well-formed samples) and quality metrics."""
 
-import math
 import random
 
 import numpy as np
@@ -203,7 +202,8 @@ def test_roc_auc_by_hand():
     assert metrics.roc_auc([0.9, 0.8, 0.4, 0.1], [1, 0, 1, 0]) == pytest.approx(0.75)
     assert metrics.roc_auc([1, 1, 0], [1, 0, 0]) == pytest.approx(0.75)  # a tie counts one half
     assert metrics.roc_auc([3, 2, 1], [1, 1, 0]) == 1.0
-    assert math.isnan(metrics.roc_auc([1, 2], [1, 1]))
+    with pytest.raises(ValueError, match="one positive and one negative"):
+        metrics.roc_auc([1, 2], [1, 1])
 
 
 def test_roc_auc_equals_the_area_under_roc_curve():

@@ -28,14 +28,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from forvalue.bindings import AsyncClient, Client, ServerError
 from forvalue.bindings import forvalue_pb2 as pb
 from forvalue.bindings import forvalue_pb2_grpc as pb_grpc
-from forvalue.bindings.client import add_stream_arguments, run_stream
-from forvalue.bindings.server import (
-    ServerConfig,
-    ServerLimits,
-    ValuationServer,
-    add_serve_arguments,
-    run_serve,
-)
+from forvalue.bindings.serve import add_serve_arguments, run_serve
+from forvalue.bindings.server import ServerConfig, ServerLimits, ValuationServer
+from forvalue.bindings.stream_job import add_stream_arguments, run_stream
 from forvalue.engine import Valuator, load_model
 
 from tiny_models import random_samples, tiny_model
@@ -493,7 +488,7 @@ def test_forvalue_serve_drains_on_sigterm(files, tmp_path):
     folder = tmp_path / "tiny"
     tiny_model("untied", seed=21).save_pretrained(folder)
     process = subprocess.Popen(
-        [sys.executable, "-m", "forvalue.bindings.server", "--model", str(folder), "--port", "0",
+        [sys.executable, "-m", "forvalue.bindings.cli", "serve", "--model", str(folder), "--port", "0",
          "--reference", f"valid={files['valid']}", "--dtype", "float64"],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

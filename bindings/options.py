@@ -1,0 +1,79 @@
+"""The flags of ``forvalue score``, ``select`` and ``serve``, built from ValuationConfig.
+
+A valuation flag is a ValuationConfig field (``--batch-tokens`` is ``batch_tokens``) with the
+help, choices and aliases of the field's metadata and the command's own default
+(``COMMAND_DEFAULTS``); the config checks the values. So an option has one name, one default
+and one check, and a new field shows up in every command it names without touching the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+from forvalue.engine.config import ValuationConfig
+
+NONE = "none"  # how the command line spells a None choice (precondition)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model every valuing command loads: ``--model``, ``--adapter``, ``--device``, ``--dtype``."""
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="embedded name, local model folder or cached Hugging Face id "
+                             "(default: smollm2-135m)")
+    parser.add_argument("--adapter", default=None, help="local PEFT (LoRA) adapter folder, merged on load")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or float64 "
+                        "(default: float32 on CPU, bfloat16 on CUDA)")
+
+
+def add_valuation_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """One flag per ValuationConfig field that ``command`` shows, with that command's default."""
+    defaults = ValuationConfig.for_command(command)
+    group = parser.add_argument_group("valuation options")
+    for field in _fields(command):
+        names = ["--" + field.name.replace("_", "-"), *field.metadata["aliases"]]
+        group.add_argument(*names, dest=field.name, **_argument(field, getattr(defaults, field.name)))
+
+
+def config_from_args(args: argparse.Namespace, command: str) -> ValuationConfig:
+    """The ValuationConfig of parsed flags (checked: a bad value raises ValueError)."""
+    return ValuationConfig.for_command(command, **{f.name: getattr(args, f.name) for f in _fields(command)})
+
+
+def config_from_options(command: str, options: Mapping[str, Any]) -> ValuationConfig:
+    """The ValuationConfig of keyword options, which may use a field's alias
+    (``max_batch_tokens`` for ``batch_tokens``), as callers of the older keywords do."""
+    return ValuationConfig.for_command(command, **{_ALIASES.get(k, k): v for k, v in options.items()})
+
+
+def _fields(command: str) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(ValuationConfig) if command in f.metadata["commands"]]
+
+
+def _argument(field: dataclasses.Field, default: Any) -> dict[str, Any]:
+    """argparse keywords of one field: a switch for a bool, else a typed value."""
+    help_text = field.metadata["help"]
+    if isinstance(default, bool):
+        return {"action": "store_true", "help": help_text}
+    choices = field.metadata["choices"]
+    if choices is not None:
+        choices = [NONE if choice is None else choice for choice in choices]
+        default = NONE if default is None else default
+    if default is not None:
+        help_text += " (default: %(default)s)"
+    return {"type": _value_type(field), "choices": choices, "default": default, "help": help_text}
+
+
+def _value_type(field: dataclasses.Field) -> type:
+    """int for ``int`` and ``int | None``, and so on."""
+    hint = typing.get_type_hints(ValuationConfig)[field.name]
+    return next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+
+
+# Older keyword spellings (the flag aliases without their dashes) -> field names.
+_ALIASES = {alias.lstrip("-").replace("-", "_"): f.name
+            for f in dataclasses.fields(ValuationConfig) for alias in f.metadata["aliases"]}
