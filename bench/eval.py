@@ -1,7 +1,7 @@
 """``forvalue eval``: every method of one task on the same model and samples, in one run.
 
 Each method is timed (wall seconds) and its peak resident memory read, the quality metric
-of the task computed, a table printed, ``OUT/results.json`` written (DESIGN.md section 4)
+of the task computed, a table printed, ``OUT/results.json`` written (docs/design.md, "Evaluation results")
 with the values in ``OUT/values.npz`` and plots: ROC curves, value distributions, time vs AUC.
 
 Method names: ``forvalue-{all,response}`` is exact For-Value as the paper defines it

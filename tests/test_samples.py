@@ -1,4 +1,4 @@
-"""Samples -> token ids and label masks (engine/samples.py, DESIGN.md section 4)."""
+"""Samples -> token ids and label masks (engine/samples.py; docs/design.md, "Samples")."""
 
 import json
 import pickle
