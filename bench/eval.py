@@ -4,12 +4,7 @@ Each method is timed (wall seconds) and its peak resident memory read, the quali
 of the task computed, a table printed, ``OUT/results.json`` written (docs/design.md, "Evaluation results")
 with the values in ``OUT/values.npz`` and plots: ROC curves, value distributions, time vs AUC.
 
-Method names: ``forvalue-{all,response}`` is exact For-Value as the paper defines it
-(pairwise on identification tasks, a Reference of the validation set otherwise),
-``forvalue-pairwise-...`` the pairwise route where that differs, ``forvalue-mean-...`` the
-same with ``normalize="mean"`` (each G divided by its label count, like the per-token mean
-loss of the LoRA baselines); ``official-...`` the official code's approximations; the rest
-are baselines (bench/baselines.py).
+The methods and their names: bench/methods.py.
 """
 
 from __future__ import annotations
@@ -19,149 +14,19 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import baselines, metrics
-from .tasks import SIZES, TASKS, Task, make_task, sample_text
+from .methods import LOSS_ON, METHOD_NAMES, Context, Method, methods_for
+from .tasks import SIZES, TASKS, Task, make_task
 from .throughput import machine
 
-LOSS_ON = ("all", "response")
-
-
-@dataclass
-class Context:
-    """What the methods of one run share: the model, the task and the LoRA gradients."""
-
-    model: Any
-    task: Task
-    loss_on: str  # objective of the official code and the gradient baselines
-    lora_rank: int
-    progress: bool
-    lora: baselines.LoraGradients | None = None
-    lora_cost: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def by_reference(self) -> bool:
-        """Mislabeled and selection value against the validation set as a whole."""
-        return self.task.kind != "identification"
-
-    def reduce(self, matrix: np.ndarray) -> np.ndarray:
-        """A pairwise matrix as the task needs it: per pair, or averaged over validation."""
-        return matrix.mean(axis=1) if self.by_reference else matrix
-
-    def valuator(self, loss_on: str, normalize: str = "none") -> Any:
-        from forvalue.engine import Valuator
-
-        return Valuator(self.model, loss_on=loss_on, normalize=normalize, progress=self.progress)
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    run: Callable[[Context], np.ndarray]
-    group: str  # "exact" | "official" | "gradient" | "similarity"
-    loss_on: str | None = None  # None: the context's
-    uses_lora: bool = False
-    reference_only: bool = False  # only where the task values against the whole set
-
-
-# ----------------------------------------------------------------- the methods
-
-
-def _forvalue(loss_on: str, route: str, normalize: str = "none") -> Callable[[Context], np.ndarray]:
-    def run(ctx: Context) -> np.ndarray:
-        valuator = ctx.valuator(loss_on, normalize)
-        if route == "reference" and ctx.by_reference:
-            return valuator.score(ctx.task.train, valuator.reference(ctx.task.valid))
-        return ctx.reduce(valuator.pairwise(ctx.task.train, ctx.task.valid))
-
-    return run
-
-
-def _official(**options: Any) -> Callable[[Context], np.ndarray]:
-    def run(ctx: Context) -> np.ndarray:
-        from forvalue.engine.parity import official_values
-
-        values = official_values(ctx.valuator(ctx.loss_on), ctx.task.train, ctx.task.valid, **options)
-        return ctx.reduce(values)
-
-    return run
-
-
-def _autograd(ctx: Context) -> np.ndarray:
-    return baselines.autograd_values(ctx.model, ctx.task.train, ctx.task.valid, loss_on=ctx.loss_on,
-                                     reference=ctx.by_reference)
-
-
-def _lora(score: Callable[[baselines.LoraGradients], np.ndarray]) -> Callable[[Context], np.ndarray]:
-    return lambda ctx: ctx.reduce(score(ctx.lora))
-
-
-def _datainf(grads: baselines.LoraGradients) -> np.ndarray:
-    return baselines.datainf_values(grads.blocks(grads.train), grads.blocks(grads.valid))
-
-
-def _representation(ctx: Context) -> np.ndarray:
-    return ctx.reduce(baselines.representation_similarity(ctx.model, ctx.task.train, ctx.task.valid))
-
-
-def _tfidf(ctx: Context) -> np.ndarray:
-    texts = [sample_text(s) for s in ctx.task.train], [sample_text(s) for s in ctx.task.valid]
-    return ctx.reduce(baselines.tfidf_similarity(*texts))
-
-
-METHODS: tuple[Method, ...] = (
-    Method("forvalue-all", _forvalue("all", "reference"), "exact", loss_on="all"),
-    Method("forvalue-response", _forvalue("response", "reference"), "exact", loss_on="response"),
-    Method("forvalue-pairwise-all", _forvalue("all", "pairwise"), "exact", loss_on="all",
-           reference_only=True),
-    Method("forvalue-pairwise-response", _forvalue("response", "pairwise"), "exact",
-           loss_on="response", reference_only=True),
-    # Each G divided by its label count: the per-token mean loss the LoRA baselines use.
-    Method("forvalue-mean-all", _forvalue("all", "reference", "mean"), "exact", loss_on="all"),
-    Method("forvalue-mean-response", _forvalue("response", "reference", "mean"), "exact",
-           loss_on="response"),
-    Method("official-total", _official(vocabulary="total_unique"), "official"),
-    Method("official-topk5", _official(vocabulary="topk_unique", top_k=5), "official"),
-    Method("official-llr0.1", _official(vocabulary="total_unique", lowest_likelihood_ratio=0.1),
-           "official"),
-    Method("autograd-lastlayer", _autograd, "gradient"),
-    Method("lora-tracin", _lora(baselines.tracin_values), "gradient", uses_lora=True),
-    Method("lora-less", _lora(baselines.less_values), "gradient", uses_lora=True),
-    Method("datainf", _lora(_datainf), "gradient", uses_lora=True),
-    Method("repr-cosine", _representation, "similarity"),
-    Method("tfidf-cosine", _tfidf, "similarity"),
-)
-METHOD_NAMES = tuple(m.name for m in METHODS)
-
-
-def methods_for(task: Task, names: list[str] | None) -> list[Method]:
-    """The methods to run on ``task`` (all that apply when ``names`` is None)."""
-    if names:
-        unknown = sorted(set(names) - set(METHOD_NAMES))
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHOD_NAMES)}")
-    chosen = [m for m in METHODS if names is None or m.name in names]
-    chosen = [m for m in chosen if task.kind != "identification" or not m.reference_only]
-    if any(m.uses_lora for m in chosen):
-        _require_peft()
-    return chosen
-
-
-def _require_peft() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("peft") is None:
-        lora = ", ".join(m.name for m in METHODS if m.uses_lora)
-        raise ValueError(f"the LoRA baselines ({lora}) need peft: pip install peft, or leave them "
-                         f"out with --methods")
-
+__all__ = ["METHOD_NAMES", "add_eval_arguments", "evaluate", "run_eval"]
 
 # ------------------------------------------------------------- measuring
 
@@ -232,11 +97,17 @@ def _cuda_in_use() -> Any:
 # ------------------------------------------------------------------ metrics
 
 
-def score_values(task: Task, values: np.ndarray) -> dict[str, float]:
+def score_values(task: Task, values: np.ndarray, pairwise: np.ndarray | None = None) -> dict[str, float]:
+    """The task's metrics; on mislabel tasks also the paper's per-validation-sample AUC when
+    the pairwise values are there."""
     if task.kind == "identification":
         return metrics.identification_metrics(values, task.train_meta("class"), task.valid_meta("class"))
     if task.kind == "mislabeled":
-        return metrics.mislabel_metrics(values, task.train_meta("flipped"))
+        found = metrics.mislabel_metrics(values, task.train_meta("flipped"))
+        if pairwise is not None:
+            found.update(metrics.per_class_mislabel_metrics(
+                pairwise, task.train_meta("class"), task.train_meta("flipped"), task.valid_meta("class")))
+        return found
     return metrics.selection_metrics(values, task.train_meta("clean_label"))
 
 
@@ -248,15 +119,15 @@ def _relative_difference(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def evaluate(model: Any, task: Task, methods: list[Method], *, loss_on: str | None = None,
-             lora_rank: int = 8, progress: bool = False,
-             repeat: int = 1) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+             lora_rank: int = 8, progress: bool = False, repeat: int = 1,
+             damping: float | None = None) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
     """Run ``methods`` on ``task``; per method its metrics and costs, and its values.
 
     With ``repeat > 1`` every method (the LoRA warm-up and gradients too) runs that many
     rounds; times are the minimum over rounds and memory the maximum, which keeps other load
     on a shared machine out of the numbers as far as it can be.
     """
-    ctx = Context(model, task, loss_on or task.loss_on, lora_rank, progress)
+    ctx = Context(model, task, loss_on or task.loss_on, lora_rank, progress, damping)
     _warm_up(ctx)
     rounds = []
     for number in range(repeat):
@@ -277,9 +148,12 @@ def _run_round(ctx: Context, methods: list[Method]) -> tuple[dict[str, dict], di
     for method in methods:
         if method.uses_lora and ctx.lora is None:
             _lora_gradients(ctx)
+        if method.uses_warm:
+            ctx.warm_model()  # once per run, reported as the warm-up of every -warm method
         with measure() as cost:
-            values[method.name] = np.asarray(method.run(ctx), dtype=np.float64)
-        results[method.name] = _entry(ctx, method, values[method.name], cost)
+            raw = np.asarray(method.run(ctx), dtype=np.float64)
+        values[method.name] = ctx.reduce(raw)
+        results[method.name] = _entry(ctx, method, raw, _pairwise_values(ctx, method, raw), cost)
         print(f"  {method.name}: {results[method.name]['seconds']:.1f} s", flush=True)
     return results, values
 
@@ -324,12 +198,25 @@ def _lora_gradients(ctx: Context) -> None:
           f"{ctx.lora.gradient_seconds:.1f} s", flush=True)
 
 
-def _entry(ctx: Context, method: Method, values: np.ndarray, cost: Measurement) -> dict[str, Any]:
-    entry: dict[str, Any] = {**score_values(ctx.task, values)}
+def _pairwise_values(ctx: Context, method: Method, raw: np.ndarray) -> np.ndarray | None:
+    """The per-pair values a mislabel task's per-class metric needs (untimed when the method
+    ran the reference route)."""
+    if ctx.task.kind != "mislabeled":
+        return None
+    if raw.ndim == 2:
+        return raw
+    return None if method.pairwise is None else np.asarray(method.pairwise(ctx), dtype=np.float64)
+
+
+def _entry(ctx: Context, method: Method, raw: np.ndarray, pairwise: np.ndarray | None,
+           cost: Measurement) -> dict[str, Any]:
+    entry: dict[str, Any] = {**score_values(ctx.task, ctx.reduce(raw), pairwise)}
     entry.update(seconds=cost.seconds, cpu_seconds=cost.cpu_seconds, peak_mb=cost.peak_mb,
                  extra_mb=cost.extra_mb, gpu_peak_mb=cost.gpu_peak_mb, group=method.group,
                  loss_on=method.loss_on or ctx.loss_on,
-                 values="pairwise" if values.ndim == 2 else "reference")
+                 values="pairwise" if raw.ndim == 2 else "reference")
+    if method.uses_warm:
+        entry.update(warmup_seconds=ctx.warm_seconds)
     if method.uses_lora:
         # The per-sample gradients are computed once and shared; a user running this method
         # alone pays for them, so they count in its seconds (the warm-up is reported apart).
@@ -422,6 +309,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="objective of the official code and gradient baselines "
                              "(default: the task's: all for identification, response otherwise)")
     parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--damping", type=float, default=None,
+                        help="damping of the preconditioned methods (default: each source's)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default=None,
                         help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
@@ -452,11 +341,11 @@ def _run_task(model: Any, args: argparse.Namespace, name: str, names: list[str] 
           f"{len(methods)} methods", flush=True)
     load_before = os.getloadavg()[0]
     results, values = evaluate(model, task, methods, loss_on=args.loss_on, lora_rank=args.lora_rank,
-                               progress=args.progress, repeat=args.repeat)
+                               progress=args.progress, repeat=args.repeat, damping=args.damping)
     result = {"task": name, "model": args.model, "methods": results, "kind": task.kind,
               "size": args.size, "seed": args.seed, "n_train": len(task.train),
               "n_valid": len(task.valid), "loss_on": args.loss_on or task.loss_on,
-              "repeat": args.repeat, "device": str(model.device),
+              "repeat": args.repeat, "damping": args.damping, "device": str(model.device),
               "dtype": str(model.dtype).replace("torch.", ""),
               "threads": _threads(), "machine": machine(),
               "load_average": [load_before, os.getloadavg()[0]]}

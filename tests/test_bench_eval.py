@@ -40,6 +40,9 @@ def test_mislabeled_every_method_writes_results_and_plots(model_dir, tmp_path):
     autograd = written["methods"]["autograd-lastlayer"]
     assert autograd["max_rel_diff_vs_forvalue"] < 1e-4
     assert written["methods"]["datainf"]["warmup_seconds"] > 0
+    assert written["methods"]["forvalue-response-precond-valid-cosine-warm"]["warmup_seconds"] > 0
+    for name in ("lora-less", "forvalue-response", "forvalue-all-precond-train"):
+        assert 0 <= written["methods"][name]["per_class_auc_mean"] <= 1, name
     for png in ("roc.png", "distributions.png", "time_auc.png"):
         assert (tmp_path / png).stat().st_size > 0
     assert set(np.load(tmp_path / "values.npz").files) == set(METHOD_NAMES)
@@ -58,3 +61,15 @@ def test_unknown_method_is_refused(model_dir, tmp_path):
     with pytest.raises(ValueError, match="unknown method"):
         run_eval(_args("--task", "math", "--model", str(model_dir), "--out", str(tmp_path),
                        "--methods", "forvalue-nope"))
+
+
+def test_per_class_mislabel_auc_counts_clean_samples_of_the_class():
+    from forvalue.bench.metrics import per_class_mislabel_metrics
+
+    classes = np.array([0, 0, 0, 1, 1, 1])
+    flipped = np.array([False, False, True, False, False, True])
+    # Column 0 (class 0) ranks its two clean samples first; column 1 (class 1) ranks the
+    # flipped sample of class 1 above one clean one: 7 of 8 pairs in order.
+    pairwise = np.array([[5, 0], [4, 1], [3, 2], [2, 6], [1, 3], [0, 4]], dtype=float)
+    found = per_class_mislabel_metrics(pairwise, classes, flipped, np.array([0, 1]))
+    assert found["per_class_auc_mean"] == pytest.approx((1.0 + 7 / 8) / 2)

@@ -1,0 +1,209 @@
+"""The methods ``forvalue eval`` compares, and what they share in one run.
+
+Names: ``forvalue-{all,response}`` is exact For-Value as the paper defines it (pairwise on
+identification tasks, a Reference of the validation set otherwise); ``forvalue-pairwise-...``
+the pairwise route where that differs; ``forvalue-mean-...`` / ``forvalue-...-cosine`` the
+same with ``normalize="mean"`` (each G divided by its label count, like the per-token mean
+loss of the LoRA baselines) or ``"cosine"``;
+``forvalue-<loss_on>-precond-<source>[-cosine][-warm]`` the preconditioned value with ``A``
+from the validation set (``valid``) or the training pool (``train``: a full extra forward
+pass), optionally cosine-normalised, optionally on the model after a one-epoch LoRA warm-up on
+the training pool (``-warm``: a backward pass; its time is reported as warm-up);
+``official-...`` the official code's approximations; the rest are baselines
+(bench/baselines.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import baselines
+from .tasks import Task, sample_text
+
+LOSS_ON = ("all", "response")
+SOURCES = ("valid", "train")
+
+
+@dataclass
+class Context:
+    """What the methods of one run share: the model, the task, the LoRA gradients and the
+    warmed-up model."""
+
+    model: Any
+    task: Task
+    loss_on: str  # objective of the official code and the gradient baselines
+    lora_rank: int
+    progress: bool
+    damping: float | None = None  # None: each source's default
+    lora: baselines.LoraGradients | None = None
+    lora_cost: dict[str, float] = field(default_factory=dict)
+    warm: Any = None
+    warm_seconds: float = 0.0
+
+    @property
+    def by_reference(self) -> bool:
+        """Mislabeled and selection value against the validation set as a whole."""
+        return self.task.kind != "identification"
+
+    def reduce(self, values: np.ndarray) -> np.ndarray:
+        """Values as the task needs them: per pair, or averaged over validation (a method
+        that ran the reference route has them averaged already)."""
+        return values.mean(axis=1) if values.ndim == 2 and self.by_reference else values
+
+    def valuator(self, loss_on: str, normalize: str = "none", precondition: str | None = None,
+                 source: str = "valid", warm: bool = False) -> Any:
+        from forvalue.engine import Valuator
+
+        options: dict[str, Any] = {}
+        if precondition is not None:
+            options = {"precondition": precondition, "damping": self.damping,
+                       "covariance": self.task.train if source == "train" else None}
+        model = self.warm_model() if warm else self.model
+        return Valuator(model, loss_on=loss_on, normalize=normalize, progress=self.progress, **options)
+
+    def warm_model(self) -> Any:
+        """The model after a one-epoch LoRA warm-up on the training pool (built once, on the
+        objective of the gradient baselines)."""
+        if self.warm is None:
+            from forvalue.engine import load_model
+            from forvalue.engine.warmup import warmup
+
+            start = time.perf_counter()
+            with tempfile.TemporaryDirectory() as folder:
+                result = warmup(self.model, self.task.train, f"{folder}/adapter", rank=self.lora_rank,
+                                loss_on=self.loss_on, progress=self.progress)
+                base = copy.deepcopy(self.model.causal_lm)  # merging changes the module it is given
+                self.warm = load_model(base, tokenizer=self.model.tokenizer, device=self.model.device,
+                                       dtype=self.model.dtype, adapter=result.adapter)
+            self.warm_seconds = time.perf_counter() - start
+        return self.warm
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    run: Callable[[Context], np.ndarray]
+    group: str  # "exact" | "official" | "gradient" | "similarity"
+    loss_on: str | None = None  # None: the context's
+    uses_lora: bool = False
+    uses_warm: bool = False
+    reference_only: bool = False  # only where the task values against the whole set
+    # Untimed pairwise values of a method that runs the reference route, for metrics that need
+    # one value per validation sample (the paper's per-class mislabel AUC).
+    pairwise: Callable[[Context], np.ndarray] | None = None
+
+
+# ----------------------------------------------------------------- the methods
+
+
+def _forvalue(loss_on: str, route: str, normalize: str = "none", precondition: str | None = None,
+              source: str = "valid", warm: bool = False) -> Callable[[Context], np.ndarray]:
+    def run(ctx: Context) -> np.ndarray:
+        valuator = ctx.valuator(loss_on, normalize, precondition, source, warm)
+        if route == "reference" and ctx.by_reference:
+            return valuator.score(ctx.task.train, valuator.reference(ctx.task.valid))
+        return valuator.pairwise(ctx.task.train, ctx.task.valid)
+
+    return run
+
+
+def _exact(name: str, loss_on: str, normalize: str = "none", precondition: str | None = None,
+           source: str = "valid", warm: bool = False) -> Method:
+    """A For-Value method on the reference route, with its pairwise twin for the metrics."""
+    options = dict(normalize=normalize, precondition=precondition, source=source, warm=warm)
+    return Method(name, _forvalue(loss_on, "reference", **options), "exact", loss_on=loss_on,
+                  uses_warm=warm, pairwise=_forvalue(loss_on, "pairwise", **options))
+
+
+def _preconditioned() -> tuple[Method, ...]:
+    return tuple(
+        _exact(f"forvalue-{loss_on}-precond-{source}{'-cosine' * cosine}{'-warm' * warm}", loss_on,
+               "cosine" if cosine else "none", "input", source, warm)
+        for loss_on in LOSS_ON for source in SOURCES for cosine in (False, True) for warm in (False, True))
+
+
+def _official(**options: Any) -> Callable[[Context], np.ndarray]:
+    def run(ctx: Context) -> np.ndarray:
+        from forvalue.engine.parity import official_values
+
+        return official_values(ctx.valuator(ctx.loss_on), ctx.task.train, ctx.task.valid, **options)
+
+    return run
+
+
+def _autograd(ctx: Context) -> np.ndarray:
+    return baselines.autograd_values(ctx.model, ctx.task.train, ctx.task.valid, loss_on=ctx.loss_on,
+                                     reference=ctx.by_reference)
+
+
+def _lora(score: Callable[[baselines.LoraGradients], np.ndarray]) -> Callable[[Context], np.ndarray]:
+    return lambda ctx: score(ctx.lora)
+
+
+def _datainf(grads: baselines.LoraGradients) -> np.ndarray:
+    return baselines.datainf_values(grads.blocks(grads.train), grads.blocks(grads.valid))
+
+
+def _representation(ctx: Context) -> np.ndarray:
+    return baselines.representation_similarity(ctx.model, ctx.task.train, ctx.task.valid)
+
+
+def _tfidf(ctx: Context) -> np.ndarray:
+    texts = [sample_text(s) for s in ctx.task.train], [sample_text(s) for s in ctx.task.valid]
+    return baselines.tfidf_similarity(*texts)
+
+
+METHODS: tuple[Method, ...] = (
+    _exact("forvalue-all", "all"),
+    _exact("forvalue-response", "response"),
+    Method("forvalue-pairwise-all", _forvalue("all", "pairwise"), "exact", loss_on="all",
+           reference_only=True),
+    Method("forvalue-pairwise-response", _forvalue("response", "pairwise"), "exact",
+           loss_on="response", reference_only=True),
+    # Each G divided by its label count: the per-token mean loss the LoRA baselines use.
+    _exact("forvalue-mean-all", "all", "mean"),
+    _exact("forvalue-mean-response", "response", "mean"),
+    _exact("forvalue-all-cosine", "all", "cosine"),
+    _exact("forvalue-response-cosine", "response", "cosine"),
+    *_preconditioned(),
+    Method("official-total", _official(vocabulary="total_unique"), "official"),
+    Method("official-topk5", _official(vocabulary="topk_unique", top_k=5), "official"),
+    Method("official-llr0.1", _official(vocabulary="total_unique", lowest_likelihood_ratio=0.1),
+           "official"),
+    Method("autograd-lastlayer", _autograd, "gradient"),
+    Method("lora-tracin", _lora(baselines.tracin_values), "gradient", uses_lora=True),
+    Method("lora-less", _lora(baselines.less_values), "gradient", uses_lora=True),
+    Method("datainf", _lora(_datainf), "gradient", uses_lora=True),
+    Method("repr-cosine", _representation, "similarity"),
+    Method("tfidf-cosine", _tfidf, "similarity"),
+)
+METHOD_NAMES = tuple(m.name for m in METHODS)
+
+
+def methods_for(task: Task, names: list[str] | None) -> list[Method]:
+    """The methods to run on ``task`` (all that apply when ``names`` is None)."""
+    if names:
+        unknown = sorted(set(names) - set(METHOD_NAMES))
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHOD_NAMES)}")
+    chosen = [m for m in METHODS if names is None or m.name in names]
+    chosen = [m for m in chosen if task.kind != "identification" or not m.reference_only]
+    if any(m.uses_lora or m.uses_warm for m in chosen):
+        _require_peft()
+    return chosen
+
+
+def _require_peft() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        lora = ", ".join(m.name for m in METHODS if m.uses_lora or m.uses_warm)
+        raise ValueError(f"the LoRA baselines and warm-up variants ({lora}) need peft: pip install "
+                         f"peft, or leave them out with --methods")
