@@ -19,7 +19,7 @@ _EXPORTS = {
     "EngineStats": "outputs", "ReferenceInfo": "outputs", "ScoreResult": "outputs", "TokenValues": "outputs",
     "Covariance": "precondition", "CovarianceMismatch": "precondition",
     "Reference": "reference", "ReferenceMismatch": "reference",
-    "EncodedSample": "samples", "SampleError": "samples", "SampleList": "samples", "read_jsonl": "samples",
+    "EncodedSample": "samples", "SampleError": "samples", "SampleList": "samples", "read_jsonl": "readers",
     "Valuator": "valuator",
 }
 

@@ -7,12 +7,13 @@ sample key) become the sample, every other column goes under ``"meta"``.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .samples import FORMS, OPTIONAL_KEYS, SampleError, SampleList, read_jsonl
+from .samples import FORMS, OPTIONAL_KEYS, SampleError, SampleList
 
 SAMPLE_KEYS = frozenset().union(*FORMS.values()) | OPTIONAL_KEYS
 
@@ -91,3 +92,39 @@ def _dataset_rows(path: Path, split: str | None) -> list[dict[str, Any]]:
             raise ValueError(f"{path} has no split {split!r}; splits: {list(loaded)}")
         loaded = loaded[split]
     return list(loaded)
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> SampleList:
+    """One JSON object per line; blank lines are skipped but still counted."""
+    source = os.fspath(path)
+    try:
+        file = open(source, "rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"sample file not found: {source}") from None
+    samples, lines = [], []
+    with file:
+        for number, raw in enumerate(file, start=1):
+            sample = _parse_line(raw, where=f"{source} line {number}")
+            if sample is not None:
+                samples.append(sample)
+                lines.append(number)
+    return SampleList(samples, source=source, lines=lines)
+
+
+def _parse_line(raw: bytes, *, where: str) -> dict[str, Any] | None:
+    try:
+        # lstrip: a byte-order mark left by some editors is not part of the JSON.
+        text = raw.decode("utf-8").lstrip("\ufeff").strip()
+    except UnicodeDecodeError as error:
+        raise SampleError(f"not valid UTF-8 ({error.reason})", sample_id=None, where=where) from None
+    if not text:
+        return None
+    try:
+        sample = json.loads(text)
+    except json.JSONDecodeError as error:
+        message = f"not valid JSON: {error.msg} at column {error.colno}"
+        raise SampleError(message, sample_id=None, where=where) from None
+    if not isinstance(sample, dict):
+        message = f"expected a JSON object (one sample per line), got {type(sample).__name__}"
+        raise SampleError(message, sample_id=None, where=where)
+    return sample

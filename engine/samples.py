@@ -9,8 +9,6 @@ k - 1, so `label_mask[0]` is always False.
 from __future__ import annotations
 
 import difflib
-import json
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -105,67 +103,6 @@ def where_of(samples: Sequence[Any], index: int) -> str:
     if isinstance(samples, SampleList):
         return samples.where(index)
     return f"index {index}"
-
-
-def read_jsonl(path: str | os.PathLike[str]) -> SampleList:
-    """One JSON object per line; blank lines are skipped but still counted."""
-    source = os.fspath(path)
-    try:
-        file = open(source, "rb")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"sample file not found: {source}") from None
-    samples, lines = [], []
-    with file:
-        for number, raw in enumerate(file, start=1):
-            sample = _parse_line(raw, where=f"{source} line {number}")
-            if sample is not None:
-                samples.append(sample)
-                lines.append(number)
-    return SampleList(samples, source=source, lines=lines)
-
-
-def _parse_line(raw: bytes, *, where: str) -> dict[str, Any] | None:
-    try:
-        # lstrip: a byte-order mark left by some editors is not part of the JSON.
-        text = raw.decode("utf-8").lstrip("\ufeff").strip()
-    except UnicodeDecodeError as error:
-        raise SampleError(f"not valid UTF-8 ({error.reason})", sample_id=None, where=where) from None
-    if not text:
-        return None
-    try:
-        sample = json.loads(text)
-    except json.JSONDecodeError as error:
-        message = f"not valid JSON: {error.msg} at column {error.colno}"
-        raise SampleError(message, sample_id=None, where=where) from None
-    if not isinstance(sample, dict):
-        message = f"expected a JSON object (one sample per line), got {type(sample).__name__}"
-        raise SampleError(message, sample_id=None, where=where)
-    return sample
-
-
-def encode_samples(
-    samples: Sequence[Any],
-    tokenizer: PreTrainedTokenizerBase | None,
-    *,
-    errors: str = "raise",
-    **kw: Any,
-) -> tuple[list[EncodedSample | None], list[SampleError]]:
-    """Encode every sample; errors="collect" leaves None in a bad sample's slot."""
-    if errors not in ("raise", "collect"):
-        raise ValueError(f"errors must be 'raise' or 'collect', got {errors!r}")
-    _check_options(kw.get("loss_on", "response"), kw.get("max_length"))
-    encoded: list[EncodedSample | None] = []
-    failures: list[SampleError] = []
-    for index, sample in enumerate(samples):
-        try:
-            where = where_of(samples, index)
-            encoded.append(encode_sample(sample, tokenizer, where=where, index=index, **kw))
-        except SampleError as error:
-            if errors == "raise":
-                raise
-            encoded.append(None)
-            failures.append(error)
-    return encoded, failures
 
 
 def encode_sample(

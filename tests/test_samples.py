@@ -5,15 +5,8 @@ import pickle
 
 import pytest
 
-from forvalue.engine.samples import (
-    EncodedSample,
-    SampleError,
-    SampleList,
-    encode_sample,
-    encode_samples,
-    read_jsonl,
-    where_of,
-)
+from forvalue.engine.readers import read_jsonl
+from forvalue.engine.samples import EncodedSample, SampleError, SampleList, encode_sample, where_of
 
 CHAT = [
     {"role": "system", "content": "you are a helpful bot ."},
@@ -290,10 +283,11 @@ def test_read_jsonl_skips_blank_lines_and_keeps_line_numbers(tmp_path, tiny_toke
     assert isinstance(samples, SampleList) and len(samples) == 3
     assert [samples.where(i) for i in range(3)] == [f"{path} line {n}" for n in (1, 4, 5)]
     assert where_of(samples, 2) == f"{path} line 5" and where_of(list(samples), 2) == "index 2"
-    encoded, errors = encode_samples(samples, tiny_tokenizer, errors="collect")
-    assert [e is None for e in encoded] == [False, True, False]
-    assert [str(e) for e in errors] == [f"sample 'x' ({path} line 4): \"text\" is empty"]
-    assert encoded[2].where == f"{path} line 5" and encoded[2].id == "2"
+    with pytest.raises(SampleError) as info:
+        encode_sample(samples[1], tiny_tokenizer, where=where_of(samples, 1), index=1)
+    assert str(info.value) == f"sample 'x' ({path} line 4): \"text\" is empty" and info.value.index == 1
+    encoded = encode_sample(samples[2], tiny_tokenizer, where=where_of(samples, 2), index=2)
+    assert encoded.where == f"{path} line 5" and encoded.id == "2"
 
 
 @pytest.mark.parametrize(
@@ -310,17 +304,6 @@ def test_read_jsonl_names_the_bad_line(tmp_path, line, fragment):
 def test_read_jsonl_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"sample file not found: .*nope\.jsonl"):
         read_jsonl(tmp_path / "nope.jsonl")
-
-
-def test_encode_samples_collect_and_raise(tiny_tokenizer):
-    samples = [{"text": "hello there"}, {"id": "b", "text": 3}, {"id": "c", "prompt": "hi"}, {"text": "bye"}]
-    encoded, errors = encode_samples(samples, tiny_tokenizer, errors="collect", loss_on="all")
-    assert [e and e.id for e in encoded] == ["0", None, None, "3"]
-    assert [(e.sample_id, e.where) for e in errors] == [("b", "index 1"), ("c", "index 2")]
-    with pytest.raises(SampleError, match=r"^sample 'b' \(index 1\)"):
-        encode_samples(samples, tiny_tokenizer)
-    with pytest.raises(ValueError, match="errors must be"):
-        encode_samples(samples, tiny_tokenizer, errors="skip")
 
 
 def test_sample_errors_survive_pickling():
