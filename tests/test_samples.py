@@ -1,4 +1,4 @@
-"""Samples -> token ids and label masks (engine/samples.py; docs/design.md, "Samples")."""
+"""Samples -> token ids and label masks (engine/samples.py; docs/design.md, "Contracts", Samples)."""
 
 import json
 import pickle
