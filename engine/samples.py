@@ -1,4 +1,4 @@
-"""User samples -> token ids and a label mask (the sample contract of DESIGN.md section 4).
+"""User samples -> token ids and a label mask (docs/design.md, "Contracts": samples).
 
 A sample is a dict with an optional "id", an optional "meta" (ignored) and exactly one form:
 {"prompt", "response"}, {"messages"}, {"text"}, {"input_ids", "loss_mask"} or
