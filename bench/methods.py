@@ -72,13 +72,13 @@ class Context:
         """The model after a one-epoch LoRA warm-up on the training pool (built once, on the
         objective of the gradient baselines)."""
         if self.warm is None:
-            from forvalue.engine import load_model
+            from forvalue.engine import ValuationConfig, load_model
             from forvalue.engine.warmup import warmup
 
             start = time.perf_counter()
             with tempfile.TemporaryDirectory() as folder:
                 result = warmup(self.model, self.task.train, f"{folder}/adapter", rank=self.lora_rank,
-                                loss_on=self.loss_on, progress=self.progress)
+                                config=ValuationConfig(loss_on=self.loss_on), progress=self.progress)
                 base = copy.deepcopy(self.model.causal_lm)  # merging changes the module it is given
                 self.warm = load_model(base, tokenizer=self.model.tokenizer, device=self.model.device,
                                        dtype=self.model.dtype, adapter=result.adapter)

@@ -6,6 +6,7 @@ and ``ReferenceUpload`` (PutReference: samples built in bounded chunks, installe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import math
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from forvalue.engine.async_engine import AsyncEngine, EngineClosed, EngineOverloaded, ScoreHandle
-from forvalue.engine.reference import NORMALIZATIONS, Reference
+from forvalue.engine.reference import OWN_SAMPLES, Reference
 
 from . import forvalue_pb2 as pb
 from .wire import REFERENCE_NAME, BadSample, sample_of, score_result_message
@@ -155,18 +156,22 @@ class CallError(Exception):
 
 class ReferenceUpload:
     """PutReference: samples are built in bounded chunks under a hidden name, summed, and
-    installed under the real name only when the upload is complete (atomic for scorers)."""
+    installed under the real name only when the upload is complete (atomic for scorers).
+
+    A cosine reference preconditioned with its own samples' ``A`` needs ``A`` before any norm:
+    its samples are kept until the upload ends and built in one pass then."""
 
     def __init__(self, engine: AsyncEngine, limits: ServerLimits) -> None:
         self.engine = engine
         self.limits = limits
         self.name = ""
-        self.normalize = "none"
+        self.options: dict[str, Any] = {}
         self.merge = False
         self.total: Reference | None = None
         self.skipped = 0
         self._chunk: list[Any] = []
         self._chunk_bytes = 0
+        self._whole = False  # build everything at the end (see above)
         self._hidden = f".upload-{uuid.uuid4().hex}"  # REFERENCE_NAME never matches it
 
     async def add(self, message: pb.ReferenceSample) -> None:
@@ -174,31 +179,39 @@ class ReferenceUpload:
             self._header(message)
         elif message.name and message.name != self.name:
             raise CallError(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"one upload builds one reference: got {message.name!r} after {self.name!r}")
+                            f"one upload builds one reference: got {message.name!r} after {self.name!r}")
         try:
             self._chunk.append(sample_of(message))
         except BadSample:
             self.skipped += 1
         self._chunk_bytes += message.ByteSize()
-        if len(self._chunk) >= self.limits.reference_chunk or \
-                self._chunk_bytes >= self.limits.reference_chunk_bytes:
+        if not self._whole and (len(self._chunk) >= self.limits.reference_chunk
+                                or self._chunk_bytes >= self.limits.reference_chunk_bytes):
             await self._build_chunk()
 
     def _header(self, message: pb.ReferenceSample) -> None:
         if not REFERENCE_NAME.fullmatch(message.name):
             raise CallError(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"bad reference name {message.name!r}: use letters, digits and _.:- "
-                             f"(at most 128, starting with a letter or digit)")
-        normalize = message.normalize or "none"
-        if normalize not in NORMALIZATIONS:
-            raise CallError(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-        self.name, self.normalize, self.merge = message.name, normalize, message.merge
+                            f"bad reference name {message.name!r}: use letters, digits and _.:- "
+                            f"(at most 128, starting with a letter or digit)")
+        options = {"normalize": message.normalize or "none", "precondition": message.precondition or None,
+                   "damping": message.damping or None, "covariance": message.covariance or None}
+        try:  # the options are checked now, before any sample is built
+            config = self.engine.reference_config(options["normalize"], options["precondition"],
+                                                   options["damping"])
+            covariance = options["covariance"] or self.engine.default_covariance
+            if config.precondition is not None and covariance != OWN_SAMPLES:
+                self.engine.registry.covariance(covariance)
+        except ValueError as error:
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        self.name, self.options, self.merge = message.name, options, message.merge
+        self._whole = config.precondition is not None and config.normalize == "cosine" \
+            and covariance == OWN_SAMPLES
 
     async def _build_chunk(self) -> None:
         chunk, self._chunk, self._chunk_bytes = self._chunk, [], 0
         try:
-            info = await self.engine.build_reference(self._hidden, chunk, normalize=self.normalize)
+            info = await self.engine.build_reference(self._hidden, chunk, **self.options)
             part = self.engine.get_reference(self._hidden)
         except EngineClosed:
             raise CallError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down") from None
@@ -217,9 +230,8 @@ class ReferenceUpload:
             await self._build_chunk()
         if self.total is None:
             raise CallError(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"reference {self.name!r}: no valid validation sample ({self.skipped} skipped)")
-        reference = Reference(self.total.gradient_sum, self.total.count, self.total.normalize,
-                              self.total.identity, {**self.total.info, "skipped": str(self.skipped)})
+                            f"reference {self.name!r}: no valid validation sample ({self.skipped} skipped)")
+        reference = dataclasses.replace(self.total, info={**self.total.info, "skipped": str(self.skipped)})
         try:
             return self.engine.put_reference(self.name, reference, merge=self.merge)
         except ValueError as error:  # ReferenceMismatch: merging into another normalisation

@@ -26,6 +26,7 @@ from . import forvalue_pb2 as pb
 from . import forvalue_pb2_grpc as pb_grpc
 from .wire import (
     ReferenceInfo,
+    ReferenceOptions,
     Result,
     TokenValues,
     reference_info_of,
@@ -102,10 +103,10 @@ class _Tracker:
             raise ServerError(grpc.StatusCode.INTERNAL, f"{len(self.ids)} requests got no result")
 
 
-def _reference_samples(name: str, samples: Iterable[Mapping[str, Any]], normalize: str,
-                       merge: bool) -> Iterator[pb.ReferenceSample]:
+def _reference_samples(name: str, samples: Iterable[Mapping[str, Any]],
+                       options: ReferenceOptions) -> Iterator[pb.ReferenceSample]:
     for sample in samples:
-        yield reference_sample(name, sample, normalize, merge)
+        yield reference_sample(name, sample, options)
 
 
 def _open_channel(grpc_module: Any, address: str, tls: bool, root_certificates: bytes | str | Path | None,
@@ -175,11 +176,15 @@ class Client(_Base):
         tracker.check()
 
     def put_reference(self, name: str, samples: Iterable[Mapping[str, Any]], *, normalize: str = "none",
-                      merge: bool = False, timeout: float | None = None) -> ReferenceInfo:
+                      merge: bool = False, timeout: float | None = None, precondition: str | None = None,
+                      damping: float | None = None, covariance: str | None = None) -> ReferenceInfo:
         """Build a reference on the server from validation samples (streamed, any number).
-        Building takes a forward pass per sample: no deadline unless ``timeout`` is given."""
+        Building takes a forward pass per sample: no deadline unless ``timeout`` is given.
+        ``precondition`` ("none" | "input"), ``damping`` and ``covariance`` ("valid" or the
+        name of a covariance the server holds) default to the server's."""
+        options = ReferenceOptions(normalize, merge, precondition, damping, covariance)
         return reference_info_of(self._call(self._stub.PutReference,
-                                          _reference_samples(name, samples, normalize, merge), timeout))
+                                          _reference_samples(name, samples, options), timeout))
 
     def list_references(self) -> list[ReferenceInfo]:
         reply = self._call(self._stub.ListReferences, pb.ListReferencesRequest(), self.timeout)
@@ -253,10 +258,11 @@ class AsyncClient(_Base):
         tracker.check()
 
     async def put_reference(self, name: str, samples: Iterable[Mapping[str, Any]], *,
-                            normalize: str = "none", merge: bool = False,
-                            timeout: float | None = None) -> ReferenceInfo:
-        reply = await self._call(self._stub.PutReference, _reference_samples(name, samples, normalize, merge),
-                                 timeout)
+                            normalize: str = "none", merge: bool = False, timeout: float | None = None,
+                            precondition: str | None = None, damping: float | None = None,
+                            covariance: str | None = None) -> ReferenceInfo:
+        options = ReferenceOptions(normalize, merge, precondition, damping, covariance)
+        reply = await self._call(self._stub.PutReference, _reference_samples(name, samples, options), timeout)
         return reference_info_of(reply)
 
     async def list_references(self) -> list[ReferenceInfo]:

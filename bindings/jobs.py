@@ -11,7 +11,13 @@ from forvalue.engine import Valuator, load_model
 from forvalue.engine.readers import read_samples
 
 from .batch import memory_estimate, run_score, select_top
-from .options import add_model_arguments, add_valuation_arguments, config_from_args
+from .options import (
+    add_covariance_argument,
+    add_model_arguments,
+    add_valuation_arguments,
+    config_from_args,
+    covariance_from_args,
+)
 from .report import print_summary
 from .result_log import read_complete_lines
 from .shards import JobFiles, Shard
@@ -83,6 +89,7 @@ def _add_job_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument(f"--{key}-field", default=None, metavar="COLUMN",
                             help=f"column holding the sample's {key!r}")
     add_valuation_arguments(parser, command)
+    add_covariance_argument(parser)
 
 
 def _fields(args: argparse.Namespace) -> dict[str, str]:
@@ -92,9 +99,10 @@ def _fields(args: argparse.Namespace) -> dict[str, str]:
 def _open_job(args: argparse.Namespace, command: str, mode: str) -> tuple[Valuator, Sequence[dict]]:
     """Valuator and training samples, with the memory estimate printed first."""
     config = config_from_args(args, command)
+    covariance = covariance_from_args(args, config)
     train = read_samples(args.train, fields=_fields(args), split=args.split)
     model = load_model(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
-    valuator = Valuator(model, config=config, progress=False)
+    valuator = Valuator(model, config=config, covariance=covariance, progress=False)
     print(f"forvalue: {len(train)} training samples; "
           + memory_estimate(model, mode, config.batch_tokens, 0), file=sys.stderr)
     return valuator, train

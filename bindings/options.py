@@ -30,6 +30,25 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: float32 on CPU, bfloat16 on CUDA)")
 
 
+def add_covariance_argument(parser: argparse.ArgumentParser) -> None:
+    """``--covariance valid|FILE``: where the preconditioner's ``A`` comes from."""
+    parser.add_argument("--covariance", default="valid", metavar="valid|FILE",
+                        help="with --precondition input: A from the validation set (valid, the "
+                             "default) or a covariance file of forvalue covariance (e.g. built on "
+                             "the training pool; shared by shards, workers and servers)")
+
+
+def covariance_from_args(args: argparse.Namespace, config: ValuationConfig) -> Any:
+    """The Covariance of ``--covariance FILE``, or None for the validation set."""
+    if args.covariance == "valid":
+        return None
+    if config.precondition is None:
+        raise ValueError("--covariance goes with --precondition input")
+    from forvalue.engine import Covariance
+
+    return Covariance.load(args.covariance)
+
+
 def add_valuation_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """One flag per ValuationConfig field that ``command`` shows, with that command's default."""
     defaults = ValuationConfig.for_command(command)

@@ -14,7 +14,13 @@ from forvalue.engine import load_model
 from forvalue.engine.config import COMMAND_DEFAULTS, ValuationConfig
 
 from .auth import read_token
-from .options import add_model_arguments, add_valuation_arguments, config_from_args
+from .options import (
+    add_covariance_argument,
+    add_model_arguments,
+    add_valuation_arguments,
+    config_from_args,
+    covariance_from_args,
+)
 from .report import USER_ERRORS, user_error
 from .server import DEFAULT_PORT, ServerConfig, ServerLimits, ValuationServer
 from .wire import REFERENCE_NAME
@@ -37,6 +43,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a reference to build at start-up from a JSONL of validation samples or "
                              "a saved .safetensors Reference (repeatable)")
     add_valuation_arguments(parser, "serve")
+    add_covariance_argument(parser)
     parser.add_argument("--max-queue-delay-ms", type=float, default=DEFAULT_QUEUE_DELAY_MS,
                         help="after a step that answered requests, wait this long for the callers' "
                              "next samples before starting the next step (fuller steps, a little "
@@ -134,7 +141,10 @@ async def _load_until_stopped(server: ValuationServer, args: argparse.Namespace,
     async def load() -> None:
         model = await asyncio.to_thread(load_model, args.model, device=args.device, dtype=args.dtype,
                                         adapter=args.adapter)
-        await server.load(model, references)
+        covariance = covariance_from_args(args, server.valuation)
+        # Named after its file: PutReference calls name it (or take it as the default).
+        covariances = {} if covariance is None else {Path(args.covariance).stem: covariance}
+        await server.load(model, references, covariances=covariances)
 
     loading = asyncio.ensure_future(load())
     stopping = asyncio.ensure_future(stop.wait())

@@ -39,7 +39,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from forvalue.engine import Reference, ValuationModel
+from forvalue.engine import Covariance, Reference, ValuationModel
 from forvalue.engine.async_engine import AsyncEngine
 from forvalue.engine.config import ValuationConfig
 from forvalue.engine.readers import read_samples
@@ -151,16 +151,19 @@ class ValuationServer:
         return port
 
     async def load(self, model: ValuationModel, references: Mapping[str, Any] | None = None, *,
-                   normalize: str | None = None) -> None:
-        """Start the engine on ``model``, install ``references`` (name -> a Reference, a
+                   covariances: Mapping[str, Covariance] | None = None) -> None:
+        """Start the engine on ``model``, hold ``covariances`` (name -> Covariance; the first is
+        the default of reference builds), install ``references`` (name -> a Reference, a
         ``.safetensors`` file, a samples file, or a list of samples), then report SERVING."""
         engine = AsyncEngine(model, self.valuation)
         await engine.__aenter__()
         self.engine = engine
+        for number, (name, covariance) in enumerate((covariances or {}).items()):
+            engine.put_covariance(name, covariance, default=number == 0)
         for name, source in (references or {}).items():
-            info = await _install_reference(engine, name, source, normalize or self.valuation.normalize)
-            log.info("reference %r: %d samples (%d skipped), normalize=%s", name, info.count,
-                     info.skipped, info.normalize)
+            info = await _install_reference(engine, name, source)
+            log.info("reference %r: %d samples (%d skipped), normalize=%s, precondition=%s", name,
+                     info.count, info.skipped, info.normalize, info.precondition)
         self.ready = True
         for service in ("", SERVICE_NAME):  # ignored once draining
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -278,7 +281,7 @@ class _CallSlot:
         self.server.open_calls -= 1
 
 
-async def _install_reference(engine: AsyncEngine, name: str, source: Any, normalize: str) -> Any:
+async def _install_reference(engine: AsyncEngine, name: str, source: Any) -> Any:
     if not REFERENCE_NAME.fullmatch(name):
         raise ValueError(f"bad reference name {name!r}: use letters, digits and _.:-")
     if isinstance(source, Reference):
@@ -287,7 +290,7 @@ async def _install_reference(engine: AsyncEngine, name: str, source: Any, normal
         if str(source).endswith(".safetensors"):
             return engine.put_reference(name, await asyncio.to_thread(Reference.load, source))
         source = await asyncio.to_thread(read_samples, source)
-    return await engine.build_reference(name, source, normalize=normalize)
+    return await engine.build_reference(name, source)
 
 
 def _server_options(limits: ServerLimits) -> list[tuple[str, int]]:

@@ -60,6 +60,20 @@ class ReferenceInfo:
     loss_on: str
     skipped: int
     version: int
+    precondition: str = "none"
+    damping: float = 0.0
+    covariance: str = ""
+
+
+@dataclass(frozen=True)
+class ReferenceOptions:
+    """How the server builds an uploaded reference; None: the server's default."""
+
+    normalize: str = "none"
+    merge: bool = False
+    precondition: str | None = None
+    damping: float | None = None
+    covariance: str | None = None
 
 
 # ---------------------------------------------------------------------- samples
@@ -81,8 +95,10 @@ def score_request(wire_id: str, sample: Mapping[str, Any], reference: str, prior
                            token_values=token_values)
 
 
-def reference_sample(name: str, sample: Mapping[str, Any], normalize: str, merge: bool) -> pb.ReferenceSample:
-    return pb.ReferenceSample(name=name, normalize=normalize, merge=merge, json=json.dumps(sample))
+def reference_sample(name: str, sample: Mapping[str, Any], options: ReferenceOptions) -> pb.ReferenceSample:
+    return pb.ReferenceSample(name=name, normalize=options.normalize, merge=options.merge,
+                              precondition=options.precondition or "", damping=options.damping or 0.0,
+                              covariance=options.covariance or "", json=json.dumps(sample))
 
 
 def sample_of(message: pb.ScoreRequest | pb.ReferenceSample) -> Any:
@@ -148,12 +164,15 @@ def result_of(message: pb.ScoreResult, name: str, index: int) -> Result:
 def reference_info_message(info: Any) -> pb.ReferenceInfo:
     """The message of an engine ReferenceInfo."""
     return pb.ReferenceInfo(name=info.name, count=info.count, normalize=info.normalize,
-                            loss_on=info.loss_on, skipped=info.skipped, version=info.version)
+                            loss_on=info.loss_on, skipped=info.skipped, version=info.version,
+                            precondition=info.precondition, damping=info.damping,
+                            covariance=info.covariance)
 
 
 def reference_info_of(message: pb.ReferenceInfo) -> ReferenceInfo:
     return ReferenceInfo(message.name, message.count, message.normalize, message.loss_on,
-                         message.skipped, message.version)
+                         message.skipped, message.version, message.precondition or "none",
+                         message.damping, message.covariance)
 
 
 def stats_message(stats: Any, active_streams: int, prometheus_text: str) -> pb.Stats:

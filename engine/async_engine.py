@@ -89,6 +89,7 @@ class AsyncEngine:
         self.model = model
         self.core = EngineCore(model, self.config)
         self.registry = ReferenceRegistry(self.core.math)
+        self.default_covariance = OWN_SAMPLES
         self._requests: dict[int, Request] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forvalue-forward")
         self._loop_task: asyncio.Task | None = None
@@ -195,17 +196,20 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ references
 
-    async def build_reference(self, name: str, samples: Iterable[Any], *, normalize: str = "none",
+    async def build_reference(self, name: str, samples: Iterable[Any], *, normalize: str | None = None,
                               merge: bool = False, precondition: str | None = None,
-                              damping: float | None = None, covariance: str = OWN_SAMPLES) -> ReferenceInfo:
+                              damping: float | None = None, covariance: str | None = None) -> ReferenceInfo:
         """Build a reference from validation samples through the serving loop, then install it
         under ``name`` (replacing, or with ``merge=True`` merging into, the current one). Bad
-        samples are skipped and counted. ``precondition="input"`` takes ``A`` from these samples
-        (``covariance="valid"``) or from a covariance loaded with ``put_covariance``."""
-        config = ValuationConfig(normalize=normalize, precondition=precondition, damping=damping)
+        samples are skipped and counted. Options left None take the engine's: ``normalize``,
+        ``precondition`` ("none" or "input") and ``damping`` from its config, ``covariance``
+        ("valid": ``A`` from these samples, or the name of a covariance given to
+        ``put_covariance``) from ``default_covariance``."""
+        config = self.reference_config(normalize, precondition, damping)
         self._check_accepting()
-        external = None if config.precondition is None or covariance == OWN_SAMPLES \
-            else self.registry.covariance(covariance)
+        source = self.default_covariance if covariance is None else covariance
+        external = None if config.precondition is None or source == OWN_SAMPLES \
+            else self.registry.covariance(source)
         damping = resolve_damping(config.precondition, config.damping, from_pool=external is not None)
         build = _Build(ReferenceBuilder(self.core.math, config.normalize, self.config.loss_on,
                                         config.precondition, damping, external))
@@ -223,9 +227,19 @@ class AsyncEngine:
             await build.done.wait()
         reference = await asyncio.get_running_loop().run_in_executor(
             self._executor, build.builder.finish, build.skipped)
-        if reference.count == 0:
-            raise ValueError(f"reference {name!r}: no valid validation sample ({build.skipped} skipped)")
         return self.put_reference(name, reference, merge=merge)
+
+    def reference_config(self, normalize: str | None, precondition: str | None,
+                          damping: float | None) -> ValuationConfig:
+        """A reference build's options: those given, else the engine's (a damping only goes
+        with a preconditioner)."""
+        precondition = self.config.precondition if precondition is None else precondition
+        if precondition in (None, "none"):
+            damping = None
+        elif damping is None:
+            damping = self.config.damping
+        return ValuationConfig(normalize=normalize or self.config.normalize, precondition=precondition,
+                               damping=damping)
 
     def put_reference(self, name: str, reference: Reference, *, merge: bool = False) -> ReferenceInfo:
         """Install a built or loaded reference under ``name``, atomically: requests admitted
@@ -233,9 +247,12 @@ class AsyncEngine:
         was built with another model or tokenizer."""
         return self.registry.put(name, reference, merge=merge)
 
-    def put_covariance(self, name: str, covariance: Covariance) -> None:
-        """Make a covariance (``forvalue covariance``) available to reference builds."""
+    def put_covariance(self, name: str, covariance: Covariance, *, default: bool = False) -> None:
+        """Make a covariance (``forvalue covariance``) available to reference builds under
+        ``name``; ``default``: builds that name none use it."""
         self.registry.put_covariance(name, covariance, self.config.loss_on)
+        if default:
+            self.default_covariance = name
 
     def references(self) -> list[ReferenceInfo]:
         return self.registry.infos()

@@ -15,14 +15,17 @@ from typing import Any
 
 LOSS_ON = ("response", "all")
 NORMALIZATIONS = ("none", "mean", "cosine")
-ATTENTION_MODES = ("auto", "varlen", "buckets")
+ATTENTION_MODES = ("auto", "varlen", "flex", "buckets")
 BACKENDS = ("auto", "torch", "triton")
 POLICIES = ("fcfs", "priority")
 PRECONDITIONERS = (None, "input")
 ERRORS = ("raise", "collect")
 
-# Which commands show an option (the serving options are the server's alone).
+# Which commands show an option (the serving options are the server's alone): how samples are
+# labelled matters to every command that runs the model; how they are valued, to the valuing ones.
 JOBS = ("score", "select", "serve")
+LABELLING = (*JOBS, "covariance", "warmup")
+FORWARD = (*JOBS, "covariance")
 SERVING = ("serve",)
 
 
@@ -37,23 +40,26 @@ class ValuationConfig:
     """How samples are labelled, valued and batched. Invalid values raise ValueError."""
 
     loss_on: str = _option("response", "label tokens: the sample's own rules (response) or every "
-                           "position from the second on (all)", choices=LOSS_ON)
+                           "position from the second on (all)", commands=LABELLING, choices=LOSS_ON)
     normalize: str = _option("none", "divide each G(x) by nothing (none, as the paper), its label "
                              "count (mean) or its norm (cosine)", choices=NORMALIZATIONS)
     precondition: str | None = _option(None, "input: the inner product under (A + lambda I)^-1, A the "
                                 "covariance of the hidden states that enter G", choices=PRECONDITIONERS)
     damping: float | None = _option(None, "lambda = damping * tr(A) / d (default: 0.01 when A comes "
                                     "from the validation set, 0.1 otherwise)")
-    append_eos: bool = _option(False, "append the tokenizer's EOS to prompt/response samples")
+    append_eos: bool = _option(False, "append the tokenizer's EOS to prompt/response samples",
+                               commands=LABELLING)
     max_length: int | None = _option(None, "truncate longer samples (keeps the start) instead of "
-                                     "refusing them")
-    batch_tokens: int = _option(4096, "tokens per forward step", aliases=("--max-batch-tokens",))
-    max_seqs: int = _option(256, "samples per forward step (packed steps of short samples)")
+                                     "refusing them", commands=LABELLING)
+    batch_tokens: int = _option(4096, "tokens per forward step", commands=FORWARD,
+                                aliases=("--max-batch-tokens",))
+    max_seqs: int = _option(256, "samples per forward step (packed steps of short samples)",
+                            commands=FORWARD)
     attention: str = _option("auto", "packed attention per segment (varlen), padded length buckets "
                              "(buckets), or whichever the model's probe allows (auto)",
-                             choices=ATTENTION_MODES)
+                             commands=FORWARD, choices=ATTENTION_MODES)
     backend: str = _option("auto", "kernel implementation: Triton on CUDA, chunked torch on CPU "
-                           "(auto), or forced", choices=BACKENDS)
+                           "(auto), or forced", commands=FORWARD, choices=BACKENDS)
     policy: str = _option("fcfs", "order of waiting requests: first come first served, or by "
                           "priority (lower first)", commands=SERVING, choices=POLICIES)
     max_waiting: int | None = _option(None, "bound of the waiting queue (None: unbounded)", commands=())

@@ -92,6 +92,10 @@ class Covariance:
         return Covariance(self.moment_sum + other.moment_sum.to(self.moment_sum), self.tokens + other.tokens,
                           dict(self.identity), {**self.source, "fingerprint": fingerprint})
 
+    @property
+    def effective_rank(self) -> int:
+        return effective_rank(self.moment_sum)
+
     def preconditioner(self, damping: float) -> Preconditioner:
         return Preconditioner(self.moment_sum, self.tokens, damping)
 
@@ -157,7 +161,7 @@ class Preconditioner:
         self.lam = self.damping * float(torch.trace(A)) / d
         if not self.lam > 0:
             raise ValueError("the covariance is zero (all hidden states vanish): nothing to precondition")
-        self.effective_rank = int(torch.linalg.matrix_rank(A, hermitian=True, rtol=1e-10))
+        self.effective_rank = effective_rank(moment_sum)
         M = A + self.lam * torch.eye(d, dtype=torch.float64, device=A.device)
         self.factor = torch.linalg.cholesky(M)  # lower C, M = C C^T
         self._head: tuple[torch.Tensor, torch.Tensor] | None = None  # (W, W C), built on first use
@@ -185,6 +189,12 @@ class Preconditioner:
             rows = matrix[start:start + _ROW_CHUNK].to(torch.float64)
             out[start:start + _ROW_CHUNK] = op(rows, C).to(matrix.dtype)
         return out
+
+
+def effective_rank(moment_sum: torch.Tensor) -> int:
+    """The numerical rank of ``A`` (a validation set with fewer label tokens than ``d`` has
+    rank below ``d``: normal, the damping handles it)."""
+    return int(torch.linalg.matrix_rank(moment_sum.to(torch.float64), hermitian=True, rtol=1e-10))
 
 
 def _digest(data: bytes) -> str:

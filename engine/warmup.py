@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .config import ValuationConfig
 from .model import ModelError, ValuationModel
 from .runner import right_padded
 from .samples import EncodedSample, encode_sample, where_of
@@ -108,13 +109,16 @@ def train_lora(model: ValuationModel, lora: LoraCopy, samples: list[EncodedSampl
     return optimizer, losses
 
 
-def warmup(model: ValuationModel, samples: Sequence[dict], out: str | Path, *, epochs: int = 1,
-           rank: int = 8, alpha: int = 16, lr: float = 3e-4, batch_size: int = 4,
-           loss_on: str = "response", seed: int = 0, progress: bool = True) -> WarmupResult:
-    """Fine-tune LoRA adapters on ``samples`` and save them (PEFT format) in ``out``."""
+def warmup(model: ValuationModel, samples: Sequence[dict], out: str | Path, *,
+           config: ValuationConfig | None = None, epochs: int = 1, rank: int = 8, alpha: int = 16,
+           lr: float = 3e-4, batch_size: int = 4, seed: int = 0, progress: bool = True) -> WarmupResult:
+    """Fine-tune LoRA adapters on ``samples`` (labelled as ``config`` says: ``loss_on``,
+    ``max_length``, ``append_eos``) and save them (PEFT format) in ``out``."""
     if epochs < 1 or rank < 1 or batch_size < 1 or not lr > 0:
         raise ValueError("epochs, rank and batch_size must be positive and lr > 0")
-    encoded = [encode_sample(s, model.tokenizer, where=where_of(samples, i), index=i, loss_on=loss_on,
+    config = config or ValuationConfig()
+    encoded = [encode_sample(s, model.tokenizer, where=where_of(samples, i), index=i, loss_on=config.loss_on,
+                             append_eos=config.append_eos, max_length=config.max_length,
                              context_length=model.context_length) for i, s in enumerate(samples)]
     if not encoded:
         raise ValueError("no training sample to warm up on")
@@ -128,7 +132,7 @@ def warmup(model: ValuationModel, samples: Sequence[dict], out: str | Path, *, e
     lora.peft_model.save_pretrained(partial)
     (partial / "forvalue_warmup.json").write_text(json.dumps(
         {"base_model": model.name, "model_hash": model.identity.get("model_hash", ""), "epochs": epochs,
-         "rank": rank, "alpha": alpha, "lr": lr, "batch_size": batch_size, "loss_on": loss_on,
+         "rank": rank, "alpha": alpha, "lr": lr, "batch_size": batch_size, "loss_on": config.loss_on,
          "seed": seed, "samples": len(encoded), "losses": losses}, indent=2) + "\n")
     if out.exists():
         import shutil

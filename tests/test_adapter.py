@@ -75,3 +75,22 @@ def test_warmup_saves_an_adapter_that_load_model_merges(tmp_path):
     assert warmed.identity["model_hash"] != model.identity["model_hash"]
     with pytest.raises(ValueError, match="positive"):
         warmup(model, samples, tmp_path / "bad", epochs=0)
+
+
+def test_warmup_command_then_score_with_the_adapter(tmp_path, capsys):
+    import json
+
+    from forvalue.bindings.cli import main
+
+    tiny_model("untied", seed=44).save_pretrained(tmp_path / "model")
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(s) + "\n" for s in random_samples(6, seed=45)))
+    model = ["--model", str(tmp_path / "model"), "--dtype", "float64"]
+    assert main(["warmup", *model, "--train", str(train), "--out", str(tmp_path / "adapter"),
+                 "--rank", "2", "--batch-size", "2"]) == 0
+    assert "steps: 3" in capsys.readouterr().out
+    assert main(["score", *model, "--adapter", str(tmp_path / "adapter"), "--train", str(train),
+                 "--mode", "self", "--out", str(tmp_path / "values.jsonl")]) == 0
+    assert len((tmp_path / "values.jsonl").read_text().splitlines()) == 6
+    assert main(["warmup", *model, "--train", str(train), "--out", str(tmp_path / "bad"),
+                 "--epochs", "0"]) == 2
