@@ -297,8 +297,11 @@ def write_outputs(out: Path, result: dict[str, Any], values: dict[str, np.ndarra
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``forvalue eval``."""
-    parser.add_argument("--task", required=True, choices=[*TASKS, "all"],
-                        help="the task to run; 'all' runs each into OUT/TASK/")
+    parser.add_argument("--task", required=True, choices=[*TASKS, "all", "downstream"],
+                        help="the task to run; 'all' runs each into OUT/TASK/; 'downstream' selects "
+                             "from a noisy pool with several methods, fine-tunes on each selection "
+                             "and tests on held-out questions (--seeds seeds)")
+    parser.add_argument("--seeds", type=int, default=3, help="downstream: seeds from --seed on (default: 3)")
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated methods (default: all that apply): {', '.join(METHOD_NAMES)}")
     parser.add_argument("--model", default="smollm2-135m", help="embedded name or local model folder")
@@ -327,6 +330,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     names = [n.strip() for n in args.methods.split(",") if n.strip()] if args.methods else None
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     out = Path(args.out)
+    if args.task == "downstream":
+        return _run_downstream(model, args, out)
     if args.task != "all":
         return _run_task(model, args, args.task, names, out)
     tasks = {name: _run_task(model, args, name, names, out / name) for name in TASKS}
@@ -351,6 +356,29 @@ def _run_task(model: Any, args: argparse.Namespace, name: str, names: list[str] 
               "load_average": [load_before, os.getloadavg()[0]]}
     print(format_table(result), flush=True)
     write_outputs(out, result, values, task, plots=not args.no_plots)
+    return result
+
+
+def _run_downstream(model: Any, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from .downstream import DOWNSTREAM_SIZES, run_downstream
+
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    print(f"downstream ({args.size}: pool, valid, held-out, steps = {DOWNSTREAM_SIZES[args.size]}), "
+          f"seeds {seeds}", flush=True)
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
+    result = {"task": "downstream", "model": args.model, "size": args.size, "seeds": seeds,
+              **run_downstream(model, args.size, seeds, lora_rank=args.lora_rank),
+              "seconds": time.perf_counter() - start, "device": str(model.device), "threads": _threads(),
+              "machine": machine(), "load_average": [load_before, os.getloadavg()[0]]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    for name, m in result["methods"].items():
+        print(f"{name:34s} nll {m['nll_mean']:.3f} +- {m['nll_std']:.3f}  exact {m['exact_match_mean']:.2f}"
+              f"  clean {m['clean_share_mean']:.2f}", flush=True)
+    if not args.no_plots:
+        from .plots import plot_downstream
+
+        plot_downstream(out / "downstream.png", result)
     return result
 
 

@@ -124,3 +124,24 @@ def plot_time_auc(path: Path, result: dict[str, Any], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_downstream(path: Path, result: dict[str, Any]) -> None:
+    """Held-out NLL (lower is better) and exact match per selection method, mean +- std over seeds."""
+    import matplotlib.pyplot as plt
+
+    methods = result["methods"]
+    names = list(methods)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "nll", "held-out NLL of clean answers (lower is better)"),
+                           (axes[1], "exact_match", "held-out exact match")):
+        ax.bar(range(len(names)), [methods[n][f"{key}_mean"] for n in names],
+               yerr=[methods[n][f"{key}_std"] for n in names], color=_colors(len(names)), capsize=4)
+        ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"selection then fine-tuning: {result['size']}, seeds {result['seeds']}, model "
+                 f"{result['model']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

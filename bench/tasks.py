@@ -94,11 +94,11 @@ def _identification(name: str, build: Callable[[int, random.Random], dict],
     n_train, n_valid = _PER_CLASS[size]
     train = [build(c, rng) for c in range(len(classes)) for _ in range(n_train)]
     valid = [build(c, rng) for c in range(len(classes)) for _ in range(n_valid)]
-    return Task(name, "identification", _with_ids(train, "train"), _with_ids(valid, "valid"),
+    return Task(name, "identification", with_ids(train, "train"), with_ids(valid, "valid"),
                 loss_on="all", classes=classes)
 
 
-def _with_ids(samples: list[dict], prefix: str) -> list[dict]:
+def with_ids(samples: list[dict], prefix: str) -> list[dict]:
     return [{"id": f"{prefix}-{i}", **s} for i, s in enumerate(samples)]
 
 
@@ -276,7 +276,7 @@ def _mislabeled(size: str, rng: random.Random) -> Task:
     valid = [{"messages": _classification_sample(_headline(TOPICS[c], rng), TOPICS[c]),
               "meta": {"class": c, "given": c, "flipped": 0}}
              for c in range(len(TOPICS)) for _ in range(n_valid)]
-    return Task("mislabeled", "mislabeled", _with_ids(train, "train"), _with_ids(valid, "valid"),
+    return Task("mislabeled", "mislabeled", with_ids(train, "train"), with_ids(valid, "valid"),
                 loss_on="response", classes=TOPICS)
 
 
@@ -291,7 +291,7 @@ def _mislabeled_sport(size: str, rng: random.Random) -> Task:
     train = [_sport_sample(term, cls, _given(cls, i in flipped, len(SPORTS), rng), rng)
              for i, (cls, term) in enumerate(train_terms)]
     valid = [_sport_sample(term, c, c, rng) for c, t in enumerate(shuffled) for term in t[:n_valid]]
-    return Task("mislabeled-sport", "mislabeled", _with_ids(train, "train"), _with_ids(valid, "valid"),
+    return Task("mislabeled-sport", "mislabeled", with_ids(train, "train"), with_ids(valid, "valid"),
                 loss_on="response", classes=SPORTS)
 
 
@@ -313,7 +313,7 @@ OPPOSITES = (("hot", "cold"), ("early", "late"), ("heavy", "light"), ("open", "c
 FILLERS = ("foo", "bar", "baz")
 
 
-def _qa_pair(rng: random.Random) -> tuple[str, str]:
+def qa_pair(rng: random.Random) -> tuple[str, str]:
     kind = rng.randrange(5)
     if kind == 0:
         country, capital = rng.choice(COUNTRIES)
@@ -356,16 +356,16 @@ def _selection(size: str, rng: random.Random) -> Task:
     corrupted = set(rng.sample(range(n_train), round(CORRUPT_SHARE * n_train)))
     train = []
     for i in range(n_train):
-        question, answer = _qa_pair(rng)
+        question, answer = qa_pair(rng)
         if i in corrupted:
             answer = corrupt(answer, rng)
-        train.append(_qa_sample(question, answer, clean=i not in corrupted))
-    valid = [_qa_sample(*_qa_pair(rng), clean=True) for _ in range(n_valid)]
-    return Task("selection", "selection", _with_ids(train, "train"), _with_ids(valid, "valid"),
+        train.append(qa_sample(question, answer, clean=i not in corrupted))
+    valid = [qa_sample(*qa_pair(rng), clean=True) for _ in range(n_valid)]
+    return Task("selection", "selection", with_ids(train, "train"), with_ids(valid, "valid"),
                 loss_on="response")
 
 
-def _qa_sample(question: str, answer: str, clean: bool) -> dict:
+def qa_sample(question: str, answer: str, clean: bool) -> dict:
     return {"prompt": f"Question: {question}\nAnswer: ", "response": answer,
             "meta": {"clean_label": int(clean)}}
 

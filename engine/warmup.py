@@ -84,28 +84,33 @@ def label_nll(model: ValuationModel, backbone: torch.nn.Module, samples: list[En
 
 
 def train_lora(model: ValuationModel, lora: LoraCopy, samples: list[EncodedSample], *, epochs: int = 1,
-               lr: float = 3e-4, batch_size: int = 4, seed: int = 0,
+               steps: int | None = None, lr: float = 3e-4, batch_size: int = 4, seed: int = 0,
                progress: bool = False) -> tuple[torch.optim.AdamW, list[float]]:
-    """AdamW on the mean label NLL, shuffled batches; the optimiser (its moments) and the mean
-    loss of each epoch."""
+    """AdamW on the mean label NLL, shuffled batches, for ``epochs`` passes or exactly
+    ``steps`` steps (as many passes as that takes); the optimiser (its moments) and the mean
+    loss of each pass."""
     optimizer = torch.optim.AdamW([p for _, p in lora.params], lr=lr)
     order = list(range(len(samples)))
     rng = random.Random(seed)
-    losses = []
-    steps = epochs * -(-len(order) // batch_size)
-    with tqdm(total=steps, desc="warm-up", unit="step", disable=not progress or None, leave=False) as bar:
-        for _ in range(epochs):
+    per_epoch = -(-len(order) // batch_size)
+    total_steps = epochs * per_epoch if steps is None else steps
+    losses: list[float] = []
+    done = 0
+    with tqdm(total=total_steps, desc="LoRA", unit="step", disable=not progress or None, leave=False) as bar:
+        while done < total_steps:
             rng.shuffle(order)
-            total = 0.0
+            total, seen = 0.0, 0
             for first in range(0, len(order), batch_size):
+                if done == total_steps:
+                    break
                 batch = [samples[i] for i in order[first:first + batch_size]]
                 optimizer.zero_grad()
                 loss = label_nll(model, lora.backbone, batch).mean()
                 loss.backward()
                 optimizer.step()
-                total += float(loss.detach()) * len(batch)
+                total, seen, done = total + float(loss.detach()) * len(batch), seen + len(batch), done + 1
                 bar.update(1)
-            losses.append(total / len(order))
+            losses.append(total / seen)
     return optimizer, losses
 
 

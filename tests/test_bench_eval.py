@@ -73,3 +73,16 @@ def test_per_class_mislabel_auc_counts_clean_samples_of_the_class():
     pairwise = np.array([[5, 0], [4, 1], [3, 2], [2, 6], [1, 3], [0, 4]], dtype=float)
     found = per_class_mislabel_metrics(pairwise, classes, flipped, np.array([0, 1]))
     assert found["per_class_auc_mean"] == pytest.approx((1.0 + 7 / 8) / 2)
+
+
+def test_downstream_selects_fine_tunes_and_compares(model_dir, tmp_path):
+    result = run_eval(_args("--task", "downstream", "--model", str(model_dir), "--out", str(tmp_path),
+                            "--seeds", "1", "--seed", "3"))
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["seeds"] == [3] and set(written["methods"]) == set(result["methods"])
+    for name, m in written["methods"].items():
+        assert np.isfinite(m["nll_mean"]) and 0 <= m["exact_match_mean"] <= 1, name
+        assert len(written["runs"][name]) == 1
+    assert written["methods"]["pool"]["clean_share_mean"] == pytest.approx(0.6)
+    assert "lora-less vs random" in written["comparisons"]
+    assert (tmp_path / "downstream.png").stat().st_size > 0

@@ -1,0 +1,154 @@
+"""``forvalue eval --task downstream``: does selecting with a value help the model trained on it?
+
+Per seed: a noisy pool of question/answer samples (40% of answers corrupted, as in the
+selection task), a clean validation set, and clean held-out questions. Each method selects the
+same budget (20% of the pool) by its values; ``random`` selects at random and ``pool`` takes
+the whole pool. A LoRA fine-tune of the model then runs the same number of steps on each
+selection, and is scored on the held-out questions: the mean negative log-likelihood of the
+clean answers (primary) and the exact-match rate of greedy answers. A method "beats" another
+when the mean difference over seeds exceeds twice the larger standard deviation.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .tasks import corrupt, qa_pair, qa_sample, with_ids
+
+# Pool, validation, held-out; fine-tuning steps of batch 4 (three passes over a 20% selection).
+DOWNSTREAM_SIZES = {"small": (20, 4, 6, 3), "full": (160, 20, 40, 24)}
+BUDGET = 0.2
+CORRUPT_SHARE = 0.4
+SELECTORS = ("forvalue-response", "forvalue-response-precond-valid", "lora-less", "random", "pool")
+
+
+@dataclass(frozen=True)
+class DownstreamTask:
+    pool: list[dict]
+    valid: list[dict]
+    held_out: list[dict]  # clean: {"prompt", "response"}
+    steps: int
+
+
+def make_downstream(size: str, seed: int) -> DownstreamTask:
+    n_pool, n_valid, n_held_out, steps = DOWNSTREAM_SIZES[size]
+    rng = random.Random(seed)
+    corrupted = set(rng.sample(range(n_pool), round(CORRUPT_SHARE * n_pool)))
+    pool = []
+    for i in range(n_pool):
+        question, answer = qa_pair(rng)
+        pool.append(qa_sample(question, corrupt(answer, rng) if i in corrupted else answer,
+                              clean=i not in corrupted))
+    valid = [qa_sample(*qa_pair(rng), clean=True) for _ in range(n_valid)]
+    held_out = [qa_sample(*qa_pair(rng), clean=True) for _ in range(n_held_out)]
+    return DownstreamTask(with_ids(pool, "pool"), with_ids(valid, "valid"), with_ids(held_out, "test"), steps)
+
+
+def select(model: Any, task: DownstreamTask, method: str, seed: int, lora_rank: int) -> list[int]:
+    """Indices of the pool samples ``method`` keeps (the budget's highest values)."""
+    n = len(task.pool)
+    budget = max(1, round(BUDGET * n))
+    if method == "pool":
+        return list(range(n))
+    if method == "random":
+        return sorted(random.Random(seed).sample(range(n), budget))
+    values = _values(model, task, method, lora_rank)
+    return sorted(np.argsort(-values, kind="stable")[:budget].tolist())
+
+
+def _values(model: Any, task: DownstreamTask, method: str, lora_rank: int) -> np.ndarray:
+    from forvalue.engine import Valuator
+
+    from . import baselines
+
+    if method == "lora-less":
+        grads = baselines.lora_gradients(model, task.pool, task.valid, loss_on="response", rank=lora_rank)
+        return baselines.less_values(grads).mean(axis=1)
+    options = {"precondition": "input"} if "-precond-valid" in method else {}
+    normalize = "cosine" if method.endswith("-cosine") else "none"
+    valuator = Valuator(model, loss_on="response", normalize=normalize, progress=False, **options)
+    return valuator.score(task.pool, valuator.reference(task.valid))
+
+
+def fine_tune_and_test(model: Any, task: DownstreamTask, chosen: list[int], seed: int,
+                       lora_rank: int) -> dict[str, float]:
+    """LoRA for ``task.steps`` steps on the chosen samples, then the held-out metrics."""
+    from forvalue.engine.samples import encode_sample
+    from forvalue.engine.warmup import label_nll, lora_copy, train_lora
+
+    def encode(samples: list[dict]) -> list[Any]:
+        return [encode_sample(s, model.tokenizer, where=s["id"], context_length=model.context_length)
+                for s in samples]
+
+    lora = lora_copy(model, rank=lora_rank, seed=seed)
+    with torch.enable_grad():
+        train_lora(model, lora, encode([task.pool[i] for i in chosen]), steps=task.steps, lr=1e-3, seed=seed)
+    held_out = encode(task.held_out)
+    with torch.no_grad():
+        nll = float(torch.cat([label_nll(model, lora.backbone, held_out[i:i + 8])
+                               for i in range(0, len(held_out), 8)]).mean())
+        exact = float(np.mean([_greedy_answer(model, lora, s) == s["response"].strip()
+                               for s in task.held_out]))
+    return {"nll": nll, "exact_match": exact}
+
+
+def _greedy_answer(model: Any, lora: Any, sample: dict) -> str:
+    """The fine-tuned model's greedy answer to the sample's prompt, up to the end of its line."""
+    tokenizer = model.tokenizer
+    prompt = tokenizer(sample["prompt"])["input_ids"]
+    limit = len(tokenizer(sample["response"], add_special_tokens=False)["input_ids"]) + 4
+    output = lora.peft_model.generate(input_ids=torch.tensor([prompt], device=model.device),
+                                      attention_mask=torch.ones((1, len(prompt)), dtype=torch.long,
+                                                                device=model.device),
+                                      max_new_tokens=limit, do_sample=False,
+                                      pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, len(prompt):], skip_special_tokens=True).strip().split("\n")[0].strip()
+
+
+def run_downstream(model: Any, size: str, seeds: list[int], lora_rank: int = 8,
+                   methods: tuple[str, ...] = SELECTORS) -> dict[str, Any]:
+    """Every method on every seed; per method the mean and std of each metric, and the
+    comparisons the issue of selection asks for (does it beat random, the pool, LESS)."""
+    runs: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
+    for seed in seeds:
+        task = make_downstream(size, seed)
+        for method in methods:
+            start = time.perf_counter()
+            chosen = select(model, task, method, seed, lora_rank)
+            selected = time.perf_counter() - start
+            clean = float(np.mean([task.pool[i]["meta"]["clean_label"] for i in chosen]))
+            metrics = fine_tune_and_test(model, task, chosen, seed, lora_rank)
+            runs[method].append({**metrics, "clean_share": clean, "select_seconds": selected,
+                                 "seconds": time.perf_counter() - start})
+            print(f"  seed {seed} {method}: nll {metrics['nll']:.3f}, exact {metrics['exact_match']:.2f}, "
+                  f"clean {clean:.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
+    summary = {m: _mean_std(r) for m, r in runs.items()}
+    return {"methods": summary, "runs": runs, "comparisons": _comparisons(runs)}
+
+
+def _mean_std(runs: list[dict[str, float]]) -> dict[str, float]:
+    out = {}
+    for key in runs[0]:
+        values = np.array([r[key] for r in runs])
+        out[f"{key}_mean"], out[f"{key}_std"] = float(values.mean()), float(values.std())
+    return out
+
+
+def _comparisons(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, Any]]:
+    """For each method against each other: mean NLL difference (lower is better) and whether
+    it exceeds twice the larger std (a "beat")."""
+    out = {}
+    for a in runs:
+        for b in runs:
+            if a == b:
+                continue
+            nll_a, nll_b = (np.array([r["nll"] for r in runs[m]]) for m in (a, b))
+            gap = float(nll_b.mean() - nll_a.mean())
+            out[f"{a} vs {b}"] = {"nll_gain": gap, "beats": bool(gap > 2 * max(nll_a.std(), nll_b.std()))}
+    return out
