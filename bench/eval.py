@@ -119,15 +119,15 @@ def _relative_difference(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def evaluate(model: Any, task: Task, methods: list[Method], *, loss_on: str | None = None,
-             lora_rank: int = 8, progress: bool = False, repeat: int = 1,
-             damping: float | None = None) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+             lora_rank: int = 8, progress: bool = False, repeat: int = 1, damping: float | None = None,
+             per_class: str = "all") -> tuple[dict[str, dict], dict[str, np.ndarray]]:
     """Run ``methods`` on ``task``; per method its metrics and costs, and its values.
 
     With ``repeat > 1`` every method (the LoRA warm-up and gradients too) runs that many
     rounds; times are the minimum over rounds and memory the maximum, which keeps other load
     on a shared machine out of the numbers as far as it can be.
     """
-    ctx = Context(model, task, loss_on or task.loss_on, lora_rank, progress, damping)
+    ctx = Context(model, task, loss_on or task.loss_on, lora_rank, progress, damping, per_class)
     _warm_up(ctx)
     rounds = []
     for number in range(repeat):
@@ -199,13 +199,15 @@ def _lora_gradients(ctx: Context) -> None:
 
 
 def _pairwise_values(ctx: Context, method: Method, raw: np.ndarray) -> np.ndarray | None:
-    """The per-pair values a mislabel task's per-class metric needs (untimed when the method
-    ran the reference route)."""
+    """The per-pair values a mislabel task's per-class metric needs: those the method gave, or
+    (untimed, unless ``ctx.per_class`` is "free") its pairwise twin's."""
     if ctx.task.kind != "mislabeled":
         return None
     if raw.ndim == 2:
         return raw
-    return None if method.pairwise is None else np.asarray(method.pairwise(ctx), dtype=np.float64)
+    if method.pairwise is None or ctx.per_class == "free":
+        return None
+    return np.asarray(method.pairwise(ctx), dtype=np.float64)
 
 
 def _entry(ctx: Context, method: Method, raw: np.ndarray, pairwise: np.ndarray | None,
@@ -301,6 +303,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the task to run; 'all' runs each into OUT/TASK/; 'downstream' selects "
                              "from a noisy pool with several methods, fine-tunes on each selection "
                              "and tests on held-out questions (--seeds seeds)")
+    parser.add_argument("--per-class", choices=("all", "free"), default="all",
+                        help="mislabel tasks: the per-class AUC for every method (all: reference-route "
+                             "methods also run pairwise, untimed) or only where it comes free")
     parser.add_argument("--seeds", type=int, default=3, help="downstream: seeds from --seed on (default: 3)")
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated methods (default: all that apply): {', '.join(METHOD_NAMES)}")
@@ -346,7 +351,8 @@ def _run_task(model: Any, args: argparse.Namespace, name: str, names: list[str] 
           f"{len(methods)} methods", flush=True)
     load_before = os.getloadavg()[0]
     results, values = evaluate(model, task, methods, loss_on=args.loss_on, lora_rank=args.lora_rank,
-                               progress=args.progress, repeat=args.repeat, damping=args.damping)
+                               progress=args.progress, repeat=args.repeat, damping=args.damping,
+                               per_class=args.per_class)
     result = {"task": name, "model": args.model, "methods": results, "kind": task.kind,
               "size": args.size, "seed": args.seed, "n_train": len(task.train),
               "n_valid": len(task.valid), "loss_on": args.loss_on or task.loss_on,

@@ -42,6 +42,7 @@ class Context:
     lora_rank: int
     progress: bool
     damping: float | None = None  # None: each source's default
+    per_class: str = "all"  # "free": no extra pairwise pass for the per-class mislabel metric
     lora: baselines.LoraGradients | None = None
     lora_cost: dict[str, float] = field(default_factory=dict)
     warm: Any = None
