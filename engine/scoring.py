@@ -22,11 +22,9 @@ class ResidentReference:
         self.reference = reference
         self.math = math
         self.preconditioner = reference.preconditioner()
-        mean = reference.mean().to(device=math.model.device, dtype=torch.float64
-                                   if self.preconditioner is not None else math.dtype)
-        if self.preconditioner is not None:
-            mean = self.preconditioner.apply(mean)
-        self.matrix = mean.to(math.dtype)
+        mean = reference.mean().to(device=math.model.device, dtype=math.dtype)
+        # Gbar P: computed in float64 a block of rows at a time, stored in the scoring dtype.
+        self.matrix = mean if self.preconditioner is None else self.preconditioner.apply(mean)
 
     @property
     def normalize(self) -> str:
