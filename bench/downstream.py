@@ -25,7 +25,8 @@ from .tasks import corrupt, qa_pair, qa_sample, with_ids
 DOWNSTREAM_SIZES = {"small": (20, 4, 6, 3), "full": (160, 20, 40, 24)}
 BUDGET = 0.2
 CORRUPT_SHARE = 0.4
-SELECTORS = ("forvalue-response", "forvalue-response-precond-valid", "lora-less", "random", "pool")
+SELECTORS = ("forvalue-response", "forvalue-response-precond-valid", "forvalue-response-precond-valid-cosine",
+             "lora-less", "random", "pool")
 
 
 @dataclass(frozen=True)
