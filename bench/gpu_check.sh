@@ -1,22 +1,42 @@
 #!/usr/bin/env bash
-# Check the compiled Triton kernels against their torch twins, then run the kernel benchmark.
+# Check the compiled Triton kernels against their torch twins, then run the kernel benchmark;
+# or, with --e2e, run the whole engine at real model shapes (bench/gpu_e2e.py).
 #
-#   bench/gpu_check.sh DIR            CUDA machine with torch and triton: ~4 minutes
-#   bench/gpu_check.sh DIR --dry-run  CPU, Triton interpreter, tiny shapes: under a minute (CI)
+#   bench/gpu_check.sh DIR                  CUDA machine with torch and triton: ~4 minutes
+#   bench/gpu_check.sh DIR --e2e            CUDA, also transformers: under 5 minutes
+#   bench/gpu_check.sh DIR [--e2e] --dry-run  CPU, tiny shapes (kernels in the Triton
+#                                           interpreter): under a minute (CI); never into
+#                                           bench/results/, since its numbers are no results
 #
 # Installs nothing, except comparison wheels from .whl/ (cut-cross-entropy, Liger-Kernel) into
 # /tmp/site when that folder exists; the project itself is imported from this checkout through
-# a shim folder, not installed. Writes pytest.log, kernels.json, kernels.md and device.txt to DIR
-# and prints the short benchmark table last.
+# a shim folder, not installed. Writes to DIR: device.txt and either pytest.log, kernels.json,
+# kernels.md, or e2e.md, e2e-meta.json and one e2e-SECTION.json per section; prints the short
+# table last.
 set -euo pipefail
 
-if [[ $# -lt 1 || $# -gt 2 || ( $# -eq 2 && $2 != --dry-run ) ]]; then
-    echo "usage: $0 DIR [--dry-run]" >&2
+usage() {
+    echo "usage: $0 DIR [--e2e] [--dry-run]" >&2
+    exit 2
+}
+[[ $# -ge 1 ]] || usage
+dir=$1
+shift
+dry_run= e2e=
+for flag in "$@"; do
+    case $flag in
+        --dry-run) dry_run=--dry-run ;;
+        --e2e) e2e=1 ;;
+        *) usage ;;
+    esac
+done
+repo=$(cd "$(dirname "$0")/.." && pwd)
+out=$(realpath -m "$dir")
+if [[ -n $dry_run && $out/ == "$repo/bench/results/"* ]]; then
+    echo "$0: a dry run does not write into bench/results/" >&2
     exit 2
 fi
-out=$(mkdir -p "$1" && cd "$1" && pwd)
-dry_run=${2:-}
-repo=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$out"
 cd "$repo"
 python=${PYTHON:-python3}
 
@@ -36,14 +56,25 @@ fi
 export PYTHONPATH=$pythonpath${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 
+if [[ -z $dry_run ]]; then
+    unset TRITON_INTERPRET
+    nvidia-smi > "$out/device.txt" 2>&1 || true
+fi
+"$python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
+'cuda', torch.cuda.is_available())" | tee -a "$out/device.txt"
+
+if [[ -n $e2e ]]; then
+    echo "== end to end: the engine against Hugging Face forwards"
+    "$python" -m forvalue.bench.gpu_e2e --out "$out" ${dry_run:+--dry-run}
+    exit
+fi
+
 if [[ -n $dry_run ]]; then
     export TRITON_INTERPRET=1
     tests=(tests/test_kernels_triton.py::test_fp32_inputs tests/test_kernels_triton.py::test_auto_dispatch
            -k "transform4 or dispatch")
     bench=(--dry-run)
 else
-    unset TRITON_INTERPRET
-    nvidia-smi > "$out/device.txt" 2>&1 || true
     tests=(tests/test_kernels_triton.py -m "gpu or not gpu")
     # Kernel compilation dominates the tests: spread it over workers when xdist is there.
     if "$python" -c "import xdist" 2>/dev/null; then
@@ -51,8 +82,6 @@ else
     fi
     bench=(--device cuda)
 fi
-"$python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
-'cuda', torch.cuda.is_available())" | tee -a "$out/device.txt"
 
 echo "== correctness: compiled kernels against their torch twins"
 "$python" -m pytest -q -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$out/pytest.log"

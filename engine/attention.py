@@ -8,8 +8,8 @@ step (engine/runner.py switches the backbone to one of them for the forward):
   precision where torch has its form with window and GQA (2.13), else sdpa per segment;
 - ``flex`` runs FlexAttention with a document block mask built from the segment ids
   (``forvalue_segments``): causal within a segment, the layer's sliding window, grouped-query
-  heads. It is compiled where torch.compile takes the device and dtype; eager FlexAttention
-  materialises the ``N x N`` scores, so it only serves float64 (tests) and the probe.
+  heads. Compiled on CUDA; eager elsewhere, where it materialises the ``N x N`` scores
+  (correct, for tests and the probe, but no faster than the sdpa loop on a CPU).
 
 Neither is registered as a mask function, so transformers builds no mask at all. Each refuses
 (PackingUnsupported) what it cannot honour exactly, so that the runner's capability probe
@@ -37,7 +37,10 @@ FLEX_ATTENTION = "forvalue_flex"
 _HARMLESS_KWARGS = frozenset({"position_ids", "use_cache", "cache", "past_key_values",
                               "cache_position", "output_attentions", "cu_seq_lens_k",
                               "max_length_q", "max_length_k", "position_embeddings"})
-# Inductor's FlexAttention templates: float64 is refused on CPU (torch 2.13) and not claimed on CUDA.
+# Compiled FlexAttention: CUDA only, in the dtypes of its Triton templates. On a CPU (torch
+# 2.13) inductor's C++ template takes no float64, and with dynamic shapes it fails to compile
+# (CppCompileError) for some orders of sliding-window and plain masks; static shapes would
+# recompile for every packed length.
 _COMPILED_FLEX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -176,7 +179,7 @@ def flex_packed_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
 
 def flex_is_compiled(tensor: torch.Tensor) -> bool:
     """Whether flex runs compiled for tensors of this device and dtype (else eagerly)."""
-    return tensor.device.type in ("cpu", "cuda") and tensor.dtype in _COMPILED_FLEX_DTYPES
+    return tensor.is_cuda and tensor.dtype in _COMPILED_FLEX_DTYPES
 
 
 def _document_mask(segment: torch.Tensor, window: int | None) -> Callable[..., torch.Tensor]:
@@ -191,8 +194,7 @@ def _document_mask(segment: torch.Tensor, window: int | None) -> Callable[..., t
 
 @functools.cache
 def _compiled(function: Callable[..., Any]) -> Callable[..., Any]:
-    # dynamic=True: the packed length changes every step, and one graph serves every length
-    # (a compilation takes tens of seconds on a CPU).
+    # dynamic=True: the packed length changes every step, and one graph serves every length.
     return torch.compile(function, dynamic=True)
 
 

@@ -17,11 +17,12 @@ A chunk step runs one chunk of a long request alone, with the model's own attent
 boundaries: a request's label at position k is predicted by its own hidden state k - 1.
 
 Host synchronisation: a packed step's token ids, positions and segments go to the device in
-one (pinned, on CUDA) transfer, its label rows in another, and the label states of all its
-requests are gathered at once; the step waits for the device once, for the non-finite check
-that decides which requests failed (a chunk step once, a bucket step once per bucket). Not
-avoided: the per-segment sdpa loop reads the boundaries on the host per layer (never auto on
-CUDA), and the flex block mask is built as ``create_block_mask`` does it.
+one transfer (from pinned memory on CUDA), its label rows in another, and the label states of
+all its requests are gathered at once. The runner then waits for the device once per step,
+for the non-finite check that decides which requests failed (a bucket step once per bucket).
+The flash varlen and flex paths read nothing back (``create_block_mask`` reads nothing back
+in torch 2.13's source; not yet measured on a GPU); the per-segment sdpa loop reads the
+boundaries once per layer, which is why auto never takes it on CUDA.
 """
 
 from __future__ import annotations
@@ -109,9 +110,9 @@ def _choose_attention(model: ValuationModel, requested: str) -> tuple[str, str |
 def _auto_modes(model: ValuationModel) -> tuple[str, ...]:
     """The packed modes "auto" tries on this model's device, best first; buckets follow."""
     if model.device.type != "cuda":
-        # CPU: per-segment sdpa launches nothing, and eager flex computes N x N scores. Compiled
-        # flex is faster per step, but compiles for ~25 s per process and shape class and takes
-        # no float64 (bench/results/attention-modes-cpu.md).
+        # CPU: the per-segment sdpa loop has no launch cost to hide, while flex runs eagerly here
+        # (engine/attention.py: why not compiled), computing N x N scores: measured at a quarter
+        # of varlen's tokens/s (bench/results/attention-modes-cpu.md).
         return ("varlen",)
     if has_flash_varlen(model.head_weight):
         return ("varlen", "flex")

@@ -1,6 +1,7 @@
 """ModelRunner: packed and chunked forwards equal per-sample ones (float64, several families)."""
 
 import functools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
 
+from forvalue.engine import attention as attention_module
 from forvalue.engine import load_model
 from forvalue.engine import runner as runner_module
 from forvalue.engine.label_math import LabelMath
@@ -25,7 +27,7 @@ TOLERANCE = {"gemma2-window": 1e-6, "softcap": 1e-6}
 
 
 @functools.cache
-def family_model(kind: str):
+def family_model(kind: str, dtype: torch.dtype = torch.float64):
     torch.manual_seed(0)
     if kind == "mistral-window":
         hf = MistralForCausalLM(MistralConfig(**SIZES, sliding_window=4))
@@ -33,8 +35,8 @@ def family_model(kind: str):
         hf = Gemma2ForCausalLM(Gemma2Config(**SIZES, head_dim=8, sliding_window=5,
                                             attn_logit_softcapping=None, final_logit_softcapping=None))
     else:
-        return load_model(tiny_model(kind), dtype=torch.float64)
-    return load_model(hf.double().eval(), dtype=torch.float64)
+        return load_model(tiny_model(kind), dtype=dtype)
+    return load_model(hf.double().eval(), dtype=dtype)
 
 
 def encoded(ids, mask=None, name="s"):
@@ -90,9 +92,10 @@ def assert_states_match(model, samples, states, tolerance):
 def test_capability_check_picks_varlen_or_buckets_per_family():
     modes = {kind: ModelRunner(family_model(kind)).attention for kind in FAMILIES}
     assert modes == {kind: "buckets" if kind == "softcap" else "varlen" for kind in FAMILIES}
-    assert "softcapping" in ModelRunner(family_model("softcap")).why_not_varlen
-    with pytest.raises(PackingUnsupported, match="softcapping"):
-        ModelRunner(family_model("softcap"), attention="varlen")
+    assert "softcapping" in ModelRunner(family_model("softcap")).why_not_packed
+    for mode in ("varlen", "flex"):
+        with pytest.raises(PackingUnsupported, match="softcapping"):
+            ModelRunner(family_model("softcap"), attention=mode)
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -151,7 +154,7 @@ def reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_si
 @pytest.mark.parametrize("kind", ["untied", "mistral-window"])
 def test_the_flash_varlen_path_equals_per_sample(kind, monkeypatch):
     # The CUDA kernel's plumbing (layout, window, GQA) checked on the CPU with its semantics.
-    monkeypatch.setattr(runner_module, "_flash_varlen", lambda query: reference_varlen_attn)
+    monkeypatch.setattr(attention_module, "_flash_varlen", lambda query: reference_varlen_attn)
     model = family_model(kind)
     samples = random_encoded([2, 17, 5, 40, 9], seed=8)
     runner = ModelRunner(model, attention="varlen")
@@ -163,18 +166,81 @@ def test_a_wrong_packed_attention_is_caught_by_the_probe(monkeypatch):
     # must see it and fall back to buckets, which stay exact.
     model = load_model(MistralForCausalLM(MistralConfig(**SIZES, sliding_window=4)).double().eval(),
                        dtype=torch.float64)
-    correct = runner_module._window_mask
-    monkeypatch.setattr(runner_module, "_window_mask", lambda n, w, d: correct(n, w and w + 1, d))
+    correct = attention_module._window_mask
+    monkeypatch.setattr(attention_module, "_window_mask", lambda n, w, d: correct(n, w and w + 1, d))
     runner = ModelRunner(model)
-    assert runner.attention == "buckets" and "differ" in runner.why_not_varlen
+    assert runner.attention == "buckets" and "differ" in runner.why_not_packed
     samples = random_encoded([20, 6], seed=1)
     assert_states_match(model, samples, run(runner, samples, budget=64), 1e-10)
 
 
-def test_the_family_attention_is_restored_after_a_packed_step():
+# ---------------------------------------------------------------- flex
+
+PACKED_FAMILIES = [kind for kind in FAMILIES if kind != "softcap"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", PACKED_FAMILIES)
+def test_flex_equals_per_sample(kind, dtype):
+    model = family_model(kind, dtype)
+    tolerance = TOLERANCE.get(kind, 1e-10) if dtype == torch.float64 else 1e-4
+    samples = random_encoded([2, 17, 5, 40, 9, 31, 3], seed=len(kind) + 1)
+    ids = [sample.input_ids for sample in samples]
+    packed = runner_module._forward_row(model, ids, "flex")
+    alone = torch.cat([runner_module._forward_single(model, list(sample)) for sample in ids])
+    torch.testing.assert_close(packed, alone, rtol=tolerance, atol=tolerance)
+    runner = ModelRunner(model, attention="flex", batch_tokens=48)
+    assert_states_match(model, samples, run(runner, samples, budget=48), tolerance)
+
+
+def test_flex_refuses_what_it_cannot_honour():
+    q, kv = torch.randn(1, 2, 6, 8, dtype=torch.float64), torch.randn(1, 1, 6, 8, dtype=torch.float64)
+    segments = runner_module._packed_inputs([[1, 2, 3], [4, 5, 6]], torch.device("cpu"))[2]
+    call = functools.partial(attention_module.flex_packed_attention, torch.nn.Module(), q, kv, kv,
+                             None, forvalue_segments=segments)
+    assert call()[0].shape == (1, 6, 2, 8)
+    refusals = [({"softcap": 50.0}, "softcapping"), ({"dropout": 0.1}, "dropout"),
+                ({"is_causal": False}, "non-causal"), ({"s_aux": torch.zeros(2)}, "unknown .*s_aux"),
+                ({"forvalue_segments": None}, "segment ids")]
+    for kwargs, match in refusals:
+        with pytest.raises(PackingUnsupported, match=match):
+            call(**kwargs)
+    with pytest.raises(PackingUnsupported, match="mask of its own"):
+        attention_module.flex_packed_attention(torch.nn.Module(), q, kv, kv, torch.ones(6, 6),
+                                               forvalue_segments=segments)
+
+
+def test_a_wrong_flex_mask_is_caught_by_the_probe(monkeypatch):
+    model = load_model(MistralForCausalLM(MistralConfig(**SIZES, sliding_window=4)).double().eval(),
+                       dtype=torch.float64)
+    correct = attention_module._document_mask
+    monkeypatch.setattr(attention_module, "_document_mask", lambda ids, w: correct(ids, w and w + 1))
+    with pytest.raises(PackingUnsupported, match="differ"):
+        ModelRunner(model, attention="flex")
+
+
+@pytest.mark.parametrize(("device", "flash", "expected"), [
+    ("cpu", False, ("varlen",)), ("cuda", True, ("varlen", "flex")), ("cuda", False, ("flex",))])
+def test_auto_tries_the_packed_modes_of_its_device(monkeypatch, device, flash, expected):
+    monkeypatch.setattr(runner_module, "has_flash_varlen", lambda tensor: flash)
+    model = SimpleNamespace(device=torch.device(device), head_weight=None)
+    assert runner_module._auto_modes(model) == expected
+
+
+def test_auto_falls_back_to_buckets_with_every_reason(monkeypatch):
+    monkeypatch.setattr(runner_module, "_auto_modes", lambda model: ("varlen", "flex"))
+    monkeypatch.setattr(runner_module, "packing_unsupported_reason", lambda model, mode: f"no {mode}")
+    assert runner_module._choose_attention(None, "auto") == ("buckets", "varlen: no varlen; flex: no flex")
+
+
+# ---------------------------------------------------------------- restoring, errors, CUDA
+
+
+@pytest.mark.parametrize("attention", ["varlen", "flex"])
+def test_the_family_attention_is_restored_after_a_packed_step(attention):
     model = family_model("untied")
     before = model.backbone.config._attn_implementation
-    run(ModelRunner(model), random_encoded([5, 6], seed=2), budget=64)
+    run(ModelRunner(model, attention=attention), random_encoded([5, 6], seed=2), budget=64)
     assert model.backbone.config._attn_implementation == before
 
 
@@ -198,13 +264,15 @@ def test_unknown_ids_and_non_finite_states_are_sample_errors():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["untied", "mistral-window"])
-def test_cuda_packed_and_chunked_equal_per_sample(kind, dtype):
-    # bfloat16 takes torch's flash varlen kernel where this torch has it, float32 sdpa per segment.
+@pytest.mark.parametrize("attention", ["varlen", "flex"])
+def test_cuda_packed_and_chunked_equal_per_sample(attention, kind, dtype):
+    # varlen: bfloat16 takes torch's flash varlen kernel where this torch has it, float32 sdpa
+    # per segment; flex: compiled FlexAttention in both.
     torch.manual_seed(0)
     hf = MistralForCausalLM(MistralConfig(**SIZES, sliding_window=4)) if kind == "mistral-window" \
         else tiny_model(kind)
     model = load_model(hf, device="cuda", dtype=dtype)
-    runner = ModelRunner(model, attention="varlen")  # forced: auto may prefer buckets on CUDA
+    runner = ModelRunner(model, attention=attention)  # forced: auto may prefer another mode
     samples = random_encoded([2, 17, 5, 40, 9, 31, 3], seed=5)
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     for budget in (64, 12):
