@@ -55,8 +55,9 @@ class ValuationConfig:
                                 aliases=("--max-batch-tokens",))
     max_seqs: int = _option(256, "samples per forward step (packed steps of short samples)",
                             commands=FORWARD)
-    attention: str = _option("auto", "packed attention per segment (varlen), padded length buckets "
-                             "(buckets), or whichever the model's probe allows (auto)",
+    attention: str = _option("auto", "packed attention per segment (varlen), FlexAttention with a "
+                             "document mask (flex), padded length buckets (buckets), or the best "
+                             "the model's probe allows on this device (auto)",
                              commands=FORWARD, choices=ATTENTION_MODES)
     backend: str = _option("auto", "kernel implementation: Triton on CUDA, chunked torch on CPU "
                            "(auto), or forced", commands=FORWARD, choices=BACKENDS)
