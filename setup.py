@@ -35,8 +35,12 @@ setup(
         "triton": ["triton>=3.4"],
         "lora": ["peft>=0.13"],
         "data": ["datasets>=2.14"],
+        # forvalue score/select --ray: batch valuation on a Ray cluster
+        "ray": ["ray[data]>=2.40"],
+        # forvalue serve --metrics-port: Prometheus /metrics over HTTP
+        "metrics": ["prometheus_client>=0.20"],
         "test": ["pytest>=8", "hypothesis>=6", "triton==3.6.0", "peft>=0.13", "datasets>=2.14",
-                 "grpcio-tools==1.85.1", "ruff>=0.6"],
+                 "grpcio-tools==1.85.1", "ruff>=0.6", "ray[data]>=2.40", "prometheus_client>=0.20"],
     },
     entry_points={"console_scripts": ["forvalue=forvalue.bindings.cli:main"]},
 )

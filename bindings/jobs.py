@@ -18,6 +18,7 @@ from .options import (
     config_from_args,
     covariance_from_args,
 )
+from .ray_cli import add_ray_arguments, print_ray_summary, run_ray_job
 from .report import print_summary
 from .result_log import read_complete_lines
 from .shards import JobFiles, Shard
@@ -44,6 +45,8 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_score_command(args: argparse.Namespace) -> int:
     """``forvalue score``; returns the exit status."""
+    if args.ray:
+        return print_ray_summary(run_ray_job(args, "score", args.mode, args.out, _fields(args)))
     shard = Shard.parse(args.shard)
     valuator, train = _open_job(args, "score", args.mode)
     summary = run_score(valuator, train, args.valid, JobFiles(args.out), mode=args.mode, shard=shard,
@@ -67,10 +70,17 @@ def run_select(args: argparse.Namespace) -> int:
     """``forvalue select``; returns the exit status."""
     if not 0 < args.ratio <= 1:
         raise ValueError(f"--ratio must lie in (0, 1], got {args.ratio}")
-    valuator, train = _open_job(args, "select", "reference")
     files = JobFiles(args.out.with_name(args.out.stem + ".values.jsonl"))
-    run_score(valuator, train, args.valid, files, mode="reference", shard=Shard(0, 1),
-              checkpoint=args.checkpoint, top_k=None, valid_fields=_fields(args))
+    if args.ray:
+        if args.out_format != "jsonl":
+            raise ValueError("select writes the chosen samples as JSONL: drop --out-format")
+        if run_ray_job(args, "select", "reference", files.out, _fields(args)) is None:
+            return 1
+        train = read_samples(args.train, fields=_fields(args), split=args.split)
+    else:
+        valuator, train = _open_job(args, "select", "reference")
+        run_score(valuator, train, args.valid, files, mode="reference", shard=Shard(0, 1),
+                  checkpoint=args.checkpoint, top_k=None, valid_fields=_fields(args))
     records = read_complete_lines(files.out)
     print_summary({**select_top(train, records, args.ratio, args.out), "values": str(files.out),
                    "errors_file": str(files.errors)})
@@ -83,13 +93,15 @@ def _add_job_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--train", required=True, help="training samples: .jsonl, .parquet or a "
                         "saved datasets folder")
     parser.add_argument("--checkpoint", type=int, default=64,
-                        help="training samples valued between two saved checkpoints")
+                        help="training samples valued between two saved checkpoints (with --ray: "
+                             "rows per actor batch)")
     parser.add_argument("--split", default=None, help="split of a saved DatasetDict")
     for key in FIELD_KEYS:
         parser.add_argument(f"--{key}-field", default=None, metavar="COLUMN",
                             help=f"column holding the sample's {key!r}")
     add_valuation_arguments(parser, command)
     add_covariance_argument(parser)
+    add_ray_arguments(parser)
 
 
 def _fields(args: argparse.Namespace) -> dict[str, str]:

@@ -27,7 +27,7 @@ def read_samples(path: str | os.PathLike, *, fields: Mapping[str, str] | None = 
     """
     path = Path(path)
     fields = dict(fields or {})
-    _check_fields(fields)
+    check_fields(fields)
     if path.is_dir():
         rows = _dataset_rows(path, split)
     elif path.suffix == ".parquet":
@@ -41,18 +41,21 @@ def read_samples(path: str | os.PathLike, *, fields: Mapping[str, str] | None = 
     return _mapped(table, fields)
 
 
-def _check_fields(fields: Mapping[str, str]) -> None:
+def check_fields(fields: Mapping[str, str]) -> None:
+    """Refuse a mapping onto something that is not a sample key."""
     unknown = sorted(set(fields) - SAMPLE_KEYS)
     if unknown:
         raise ValueError(f"cannot map onto {unknown}: sample keys are {sorted(SAMPLE_KEYS)}")
 
 
 def _mapped(rows: SampleList, fields: Mapping[str, str]) -> SampleList:
-    samples = [_map_row(dict(row), fields, rows.where(i)) for i, row in enumerate(rows)]
+    samples = [map_row(dict(row), fields, rows.where(i)) for i, row in enumerate(rows)]
     return SampleList(samples, source=rows.source, lines=rows.lines, unit=rows.unit)
 
 
-def _map_row(row: dict[str, Any], fields: Mapping[str, str], where: str) -> dict[str, Any]:
+def map_row(row: dict[str, Any], fields: Mapping[str, str], where: str) -> dict[str, Any]:
+    """The sample of one row (a JSON object or a table row; ``row`` is consumed): mapped and
+    sample-named columns become the sample, the others go under "meta". Shared with the Ray job."""
     sample: dict[str, Any] = {}
     for key, column in fields.items():
         if column not in row:
@@ -104,14 +107,15 @@ def read_jsonl(path: str | os.PathLike[str]) -> SampleList:
     samples, lines = [], []
     with file:
         for number, raw in enumerate(file, start=1):
-            sample = _parse_line(raw, where=f"{source} line {number}")
+            sample = parse_line(raw, where=f"{source} line {number}")
             if sample is not None:
                 samples.append(sample)
                 lines.append(number)
     return SampleList(samples, source=source, lines=lines)
 
 
-def _parse_line(raw: bytes, *, where: str) -> dict[str, Any] | None:
+def parse_line(raw: bytes, *, where: str) -> dict[str, Any] | None:
+    """One JSONL line as a sample dict (None for a blank line); raises SampleError."""
     try:
         # lstrip: a byte-order mark left by some editors is not part of the JSON.
         text = raw.decode("utf-8").lstrip("\ufeff").strip()
