@@ -15,7 +15,7 @@ Leaving ``score_stream`` early cancels the call, which frees the server's queued
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,14 +142,26 @@ class _Base:
 
 class Client(_Base):
     """Blocking client. ``tls=True`` (or ``root_certificates``, a PEM file or bytes, for a
-    private CA) encrypts the channel; ``token`` is the server's bearer token."""
+    private CA) encrypts the channel; ``token`` is the server's bearer token.
 
-    def __init__(self, address: str, token: str | None = None, *, tls: bool = False,
+    Several addresses (``Client(["a:50051", "b:50051"])``) are replicas: ``score_stream``
+    keeps a stream on each ready one (``window`` requests unanswered at most) and re-sends a
+    failed replica's requests to the others (``replicas.py``); ``put_reference`` and
+    ``drop_reference`` go to every replica, the other calls to the first."""
+
+    def __init__(self, address: str | Sequence[str], token: str | None = None, *, tls: bool = False,
                  root_certificates: bytes | str | Path | None = None, timeout: float | None = 60.0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        super().__init__(address, token, timeout)
-        self._channel = _open_channel(grpc, address, tls, root_certificates, max_message_bytes)
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, window: int = 64) -> None:
+        addresses = [address] if isinstance(address, str) else list(address)
+        if not addresses:
+            raise ValueError("a Client needs at least one address")
+        super().__init__(addresses[0], token, timeout)
+        self._channel = _open_channel(grpc, addresses[0], tls, root_certificates, max_message_bytes)
         self._stub = pb_grpc.ValuationStub(self._channel)
+        self.window = window
+        self.replicas = [self, *(Client(other, token, tls=tls, root_certificates=root_certificates,
+                                        timeout=timeout, max_message_bytes=max_message_bytes)
+                                 for other in addresses[1:])]
 
     def __enter__(self) -> Client:
         return self
@@ -158,13 +170,19 @@ class Client(_Base):
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        for replica in self.replicas:
+            replica._channel.close()
 
     def score_stream(self, samples: Iterable[Mapping[str, Any]], reference: str, *, priority: int = 0,
                      token_values: bool = False, timeout: float | None = None) -> Iterator[Result]:
         """Results as they arrive. ``timeout`` is a deadline for the whole stream (none by
         default); samples are read lazily, as the server makes room for them."""
         tracker = _Tracker(reference, priority, token_values)
+        if len(self.replicas) > 1:
+            from .replicas import score_stream
+
+            yield from score_stream(self.replicas, tracker, samples, window=self.window, timeout=timeout)
+            return
         call = self._stub.Score(tracker.requests(samples), metadata=self.metadata, timeout=timeout)
         try:
             for message in call:
@@ -183,15 +201,19 @@ class Client(_Base):
         ``precondition`` ("none" | "input"), ``damping`` and ``covariance`` ("valid" or the
         name of a covariance the server holds) default to the server's."""
         options = ReferenceOptions(normalize, merge, precondition, damping, covariance)
-        return reference_info_of(self._call(self._stub.PutReference,
-                                          _reference_samples(name, samples, options), timeout))
+        samples = list(samples) if len(self.replicas) > 1 else samples  # sent to each replica
+        infos = [reference_info_of(replica._call(replica._stub.PutReference,
+                                                 _reference_samples(name, samples, options), timeout))
+                 for replica in self.replicas]
+        return infos[0]
 
     def list_references(self) -> list[ReferenceInfo]:
         reply = self._call(self._stub.ListReferences, pb.ListReferencesRequest(), self.timeout)
         return [reference_info_of(info) for info in reply.references]
 
     def drop_reference(self, name: str) -> bool:
-        return self._call(self._stub.DropReference, pb.DropReferenceRequest(name=name), self.timeout).dropped
+        request = pb.DropReferenceRequest(name=name)
+        return any([r._call(r._stub.DropReference, request, self.timeout).dropped for r in self.replicas])
 
     def stats(self) -> dict[str, Any]:
         """Queue, throughput, outcomes, latency quantiles; ``prometheus_text`` holds them all."""
@@ -204,8 +226,10 @@ class Client(_Base):
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def wait_until_serving(self, timeout: float = 600.0) -> None:
-        """Block until the server reports SERVING (it loads the model first)."""
+        """Block until the server (every replica) reports SERVING (it loads the model first)."""
         deadline = time.monotonic() + timeout
+        for replica in self.replicas[1:]:
+            replica.wait_until_serving(max(0.0, deadline - time.monotonic()))
         while True:
             try:
                 if self.health() == "SERVING":

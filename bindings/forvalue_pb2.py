@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n forvalue/bindings/forvalue.proto\x12\x0b\x66orvalue.v1\"\xe2\x01\n\x06Sample\x12\x0f\n\x02id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x15\n\x08response\x18\x03 \x01(\tH\x02\x88\x01\x01\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.forvalue.v1.ChatMessage\x12\x11\n\x04text\x18\x05 \x01(\tH\x03\x88\x01\x01\x12\x11\n\tinput_ids\x18\x06 \x03(\x03\x12\x11\n\tloss_mask\x18\x07 \x03(\x05\x12\x0e\n\x06labels\x18\x08 \x03(\x03\x42\x05\n\x03_idB\t\n\x07_promptB\x0b\n\t_responseB\x07\n\x05_text\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x96\x01\n\x0cScoreRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\treference\x18\x02 \x01(\t\x12\x0e\n\x04json\x18\x03 \x01(\tH\x00\x12%\n\x06\x66ields\x18\x04 \x01(\x0b\x32\x13.forvalue.v1.SampleH\x00\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x14\n\x0ctoken_values\x18\x06 \x01(\x08\x42\x08\n\x06sample\"\xe5\x01\n\x0bScoreResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\treference\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\x12\n\nnum_labels\x18\x06 \x01(\x05\x12\x11\n\ttruncated\x18\x07 \x01(\x08\x12.\n\x0ctoken_values\x18\x08 \x01(\x0b\x32\x18.forvalue.v1.TokenValues\x12\x15\n\rqueue_seconds\x18\t \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\n \x01(\x01\"C\n\x0bTokenValues\x12\x11\n\tpositions\x18\x01 \x03(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0e\n\x06values\x18\x03 \x03(\x01\"\xbd\x01\n\x0fReferenceSample\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnormalize\x18\x02 \x01(\t\x12\r\n\x05merge\x18\x03 \x01(\x08\x12\x0e\n\x04json\x18\x04 \x01(\tH\x00\x12%\n\x06\x66ields\x18\x05 \x01(\x0b\x32\x13.forvalue.v1.SampleH\x00\x12\x14\n\x0cprecondition\x18\x06 \x01(\t\x12\x0f\n\x07\x64\x61mping\x18\x07 \x01(\x01\x12\x12\n\ncovariance\x18\x08 \x01(\tB\x08\n\x06sample\"\xad\x01\n\rReferenceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x11\n\tnormalize\x18\x03 \x01(\t\x12\x0f\n\x07loss_on\x18\x04 \x01(\t\x12\x0f\n\x07skipped\x18\x05 \x01(\x03\x12\x0f\n\x07version\x18\x06 \x01(\x03\x12\x14\n\x0cprecondition\x18\x07 \x01(\t\x12\x0f\n\x07\x64\x61mping\x18\x08 \x01(\x01\x12\x12\n\ncovariance\x18\t \x01(\t\"\x17\n\x15ListReferencesRequest\"H\n\x16ListReferencesResponse\x12.\n\nreferences\x18\x01 \x03(\x0b\x32\x1a.forvalue.v1.ReferenceInfo\"$\n\x14\x44ropReferenceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"(\n\x15\x44ropReferenceResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\x8d\x03\n\x05Stats\x12\x0f\n\x07waiting\x18\x01 \x01(\x03\x12\x0f\n\x07running\x18\x02 \x01(\x03\x12\x12\n\nreferences\x18\x03 \x01(\x03\x12\r\n\x05steps\x18\x04 \x01(\x03\x12\x14\n\x0ctokens_total\x18\x05 \x01(\x03\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x01\x12\x32\n\x08requests\x18\x07 \x03(\x0b\x32 .forvalue.v1.Stats.RequestsEntry\x12\x30\n\x07latency\x18\x08 \x03(\x0b\x32\x1f.forvalue.v1.Stats.LatencyEntry\x12\x16\n\x0e\x61\x63tive_streams\x18\t \x01(\x03\x12\x17\n\x0fprometheus_text\x18\n \x01(\t\x1a/\n\rRequestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x46\n\x0cLatencyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.forvalue.v1.Quantiles:\x02\x38\x01\"2\n\tQuantiles\x12\x0b\n\x03p50\x18\x01 \x01(\x01\x12\x0b\n\x03p90\x18\x02 \x01(\x01\x12\x0b\n\x03p99\x18\x03 \x01(\x01\x32\x8a\x03\n\tValuation\x12@\n\x05Score\x12\x19.forvalue.v1.ScoreRequest\x1a\x18.forvalue.v1.ScoreResult(\x01\x30\x01\x12J\n\x0cPutReference\x12\x1c.forvalue.v1.ReferenceSample\x1a\x1a.forvalue.v1.ReferenceInfo(\x01\x12Y\n\x0eListReferences\x12\".forvalue.v1.ListReferencesRequest\x1a#.forvalue.v1.ListReferencesResponse\x12V\n\rDropReference\x12!.forvalue.v1.DropReferenceRequest\x1a\".forvalue.v1.DropReferenceResponse\x12<\n\x08GetStats\x12\x1c.forvalue.v1.GetStatsRequest\x1a\x12.forvalue.v1.Statsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n forvalue/bindings/forvalue.proto\x12\x0b\x66orvalue.v1\"\xe2\x01\n\x06Sample\x12\x0f\n\x02id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x15\n\x08response\x18\x03 \x01(\tH\x02\x88\x01\x01\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.forvalue.v1.ChatMessage\x12\x11\n\x04text\x18\x05 \x01(\tH\x03\x88\x01\x01\x12\x11\n\tinput_ids\x18\x06 \x03(\x03\x12\x11\n\tloss_mask\x18\x07 \x03(\x05\x12\x0e\n\x06labels\x18\x08 \x03(\x03\x42\x05\n\x03_idB\t\n\x07_promptB\x0b\n\t_responseB\x07\n\x05_text\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x96\x01\n\x0cScoreRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\treference\x18\x02 \x01(\t\x12\x0e\n\x04json\x18\x03 \x01(\tH\x00\x12%\n\x06\x66ields\x18\x04 \x01(\x0b\x32\x13.forvalue.v1.SampleH\x00\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x14\n\x0ctoken_values\x18\x06 \x01(\x08\x42\x08\n\x06sample\"\xe5\x01\n\x0bScoreResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\treference\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\x12\n\nnum_labels\x18\x06 \x01(\x05\x12\x11\n\ttruncated\x18\x07 \x01(\x08\x12.\n\x0ctoken_values\x18\x08 \x01(\x0b\x32\x18.forvalue.v1.TokenValues\x12\x15\n\rqueue_seconds\x18\t \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\n \x01(\x01\"C\n\x0bTokenValues\x12\x11\n\tpositions\x18\x01 \x03(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0e\n\x06values\x18\x03 \x03(\x01\"\xbd\x01\n\x0fReferenceSample\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnormalize\x18\x02 \x01(\t\x12\r\n\x05merge\x18\x03 \x01(\x08\x12\x0e\n\x04json\x18\x04 \x01(\tH\x00\x12%\n\x06\x66ields\x18\x05 \x01(\x0b\x32\x13.forvalue.v1.SampleH\x00\x12\x14\n\x0cprecondition\x18\x06 \x01(\t\x12\x0f\n\x07\x64\x61mping\x18\x07 \x01(\x01\x12\x12\n\ncovariance\x18\x08 \x01(\tB\x08\n\x06sample\"\xc2\x01\n\rReferenceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x11\n\tnormalize\x18\x03 \x01(\t\x12\x0f\n\x07loss_on\x18\x04 \x01(\t\x12\x0f\n\x07skipped\x18\x05 \x01(\x03\x12\x0f\n\x07version\x18\x06 \x01(\x03\x12\x14\n\x0cprecondition\x18\x07 \x01(\t\x12\x0f\n\x07\x64\x61mping\x18\x08 \x01(\x01\x12\x12\n\ncovariance\x18\t \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\n \x01(\t\"\x17\n\x15ListReferencesRequest\"H\n\x16ListReferencesResponse\x12.\n\nreferences\x18\x01 \x03(\x0b\x32\x1a.forvalue.v1.ReferenceInfo\"$\n\x14\x44ropReferenceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"(\n\x15\x44ropReferenceResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\x8d\x03\n\x05Stats\x12\x0f\n\x07waiting\x18\x01 \x01(\x03\x12\x0f\n\x07running\x18\x02 \x01(\x03\x12\x12\n\nreferences\x18\x03 \x01(\x03\x12\r\n\x05steps\x18\x04 \x01(\x03\x12\x14\n\x0ctokens_total\x18\x05 \x01(\x03\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x01\x12\x32\n\x08requests\x18\x07 \x03(\x0b\x32 .forvalue.v1.Stats.RequestsEntry\x12\x30\n\x07latency\x18\x08 \x03(\x0b\x32\x1f.forvalue.v1.Stats.LatencyEntry\x12\x16\n\x0e\x61\x63tive_streams\x18\t \x01(\x03\x12\x17\n\x0fprometheus_text\x18\n \x01(\t\x1a/\n\rRequestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x46\n\x0cLatencyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.forvalue.v1.Quantiles:\x02\x38\x01\"2\n\tQuantiles\x12\x0b\n\x03p50\x18\x01 \x01(\x01\x12\x0b\n\x03p90\x18\x02 \x01(\x01\x12\x0b\n\x03p99\x18\x03 \x01(\x01\x32\x8a\x03\n\tValuation\x12@\n\x05Score\x12\x19.forvalue.v1.ScoreRequest\x1a\x18.forvalue.v1.ScoreResult(\x01\x30\x01\x12J\n\x0cPutReference\x12\x1c.forvalue.v1.ReferenceSample\x1a\x1a.forvalue.v1.ReferenceInfo(\x01\x12Y\n\x0eListReferences\x12\".forvalue.v1.ListReferencesRequest\x1a#.forvalue.v1.ListReferencesResponse\x12V\n\rDropReference\x12!.forvalue.v1.DropReferenceRequest\x1a\".forvalue.v1.DropReferenceResponse\x12<\n\x08GetStats\x12\x1c.forvalue.v1.GetStatsRequest\x1a\x12.forvalue.v1.Statsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,25 +48,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REFERENCESAMPLE']._serialized_start=779
   _globals['_REFERENCESAMPLE']._serialized_end=968
   _globals['_REFERENCEINFO']._serialized_start=971
-  _globals['_REFERENCEINFO']._serialized_end=1144
-  _globals['_LISTREFERENCESREQUEST']._serialized_start=1146
-  _globals['_LISTREFERENCESREQUEST']._serialized_end=1169
-  _globals['_LISTREFERENCESRESPONSE']._serialized_start=1171
-  _globals['_LISTREFERENCESRESPONSE']._serialized_end=1243
-  _globals['_DROPREFERENCEREQUEST']._serialized_start=1245
-  _globals['_DROPREFERENCEREQUEST']._serialized_end=1281
-  _globals['_DROPREFERENCERESPONSE']._serialized_start=1283
-  _globals['_DROPREFERENCERESPONSE']._serialized_end=1323
-  _globals['_GETSTATSREQUEST']._serialized_start=1325
-  _globals['_GETSTATSREQUEST']._serialized_end=1342
-  _globals['_STATS']._serialized_start=1345
-  _globals['_STATS']._serialized_end=1742
-  _globals['_STATS_REQUESTSENTRY']._serialized_start=1623
-  _globals['_STATS_REQUESTSENTRY']._serialized_end=1670
-  _globals['_STATS_LATENCYENTRY']._serialized_start=1672
-  _globals['_STATS_LATENCYENTRY']._serialized_end=1742
-  _globals['_QUANTILES']._serialized_start=1744
-  _globals['_QUANTILES']._serialized_end=1794
-  _globals['_VALUATION']._serialized_start=1797
-  _globals['_VALUATION']._serialized_end=2191
+  _globals['_REFERENCEINFO']._serialized_end=1165
+  _globals['_LISTREFERENCESREQUEST']._serialized_start=1167
+  _globals['_LISTREFERENCESREQUEST']._serialized_end=1190
+  _globals['_LISTREFERENCESRESPONSE']._serialized_start=1192
+  _globals['_LISTREFERENCESRESPONSE']._serialized_end=1264
+  _globals['_DROPREFERENCEREQUEST']._serialized_start=1266
+  _globals['_DROPREFERENCEREQUEST']._serialized_end=1302
+  _globals['_DROPREFERENCERESPONSE']._serialized_start=1304
+  _globals['_DROPREFERENCERESPONSE']._serialized_end=1344
+  _globals['_GETSTATSREQUEST']._serialized_start=1346
+  _globals['_GETSTATSREQUEST']._serialized_end=1363
+  _globals['_STATS']._serialized_start=1366
+  _globals['_STATS']._serialized_end=1763
+  _globals['_STATS_REQUESTSENTRY']._serialized_start=1644
+  _globals['_STATS_REQUESTSENTRY']._serialized_end=1691
+  _globals['_STATS_LATENCYENTRY']._serialized_start=1693
+  _globals['_STATS_LATENCYENTRY']._serialized_end=1763
+  _globals['_QUANTILES']._serialized_start=1765
+  _globals['_QUANTILES']._serialized_end=1815
+  _globals['_VALUATION']._serialized_start=1818
+  _globals['_VALUATION']._serialized_end=2212
 # @@protoc_insertion_point(module_scope)

@@ -14,6 +14,7 @@ from forvalue.engine import load_model
 from forvalue.engine.config import COMMAND_DEFAULTS, ValuationConfig
 
 from .auth import read_token
+from .metrics_http import MetricsServer
 from .options import (
     add_covariance_argument,
     add_model_arguments,
@@ -64,6 +65,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              f"with RESOURCE_EXHAUSTED (default: {limits.queue_timeout:g})")
     parser.add_argument("--max-message-mb", type=float, default=limits.max_message_bytes / 2**20,
                         help="largest message accepted or sent (default: 4)")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                        help="serve Prometheus /metrics over HTTP on this port (needs prometheus_client: "
+                             "pip install 'forvalue[metrics]'; 0 picks a free one)")
+    parser.add_argument("--metrics-host", default=None,
+                        help="address of the metrics endpoint (default: --host)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds SIGTERM waits for accepted requests before cutting calls (default: 30)")
 
@@ -125,6 +131,11 @@ async def _serve(args: argparse.Namespace, config: ServerConfig, valuation: Valu
         port = await server.start()
     except (*USER_ERRORS, RuntimeError) as error:  # grpc raises RuntimeError on a bad address
         return user_error(error)
+    try:
+        metrics = _start_metrics(server, args)
+    except USER_ERRORS as error:  # prometheus_client missing, or the port taken
+        await server.drain(0)
+        return user_error(error)
     log.info("listening on %s:%d (%s); loading %s", config.host, port,
              "TLS" if config.tls_cert else "plaintext", args.model)
     status = await _load_until_stopped(server, args, references, stop)
@@ -133,7 +144,17 @@ async def _serve(args: argparse.Namespace, config: ServerConfig, valuation: Valu
         await stop.wait()
         log.info("draining (up to %g s)", args.drain_timeout)
     await server.drain(args.drain_timeout)
+    if metrics is not None:
+        metrics.close()
     return status
+
+
+def _start_metrics(server: ValuationServer, args: argparse.Namespace) -> MetricsServer | None:
+    if args.metrics_port is None:
+        return None
+    metrics = MetricsServer(server, args.metrics_port, args.metrics_host or args.host)
+    log.info("metrics on http://%s:%d/metrics", args.metrics_host or args.host, metrics.port)
+    return metrics
 
 
 async def _load_until_stopped(server: ValuationServer, args: argparse.Namespace,

@@ -190,6 +190,18 @@ class ValuationServer:
     def engine_or_none(self) -> AsyncEngine | None:
         return self.engine if self.ready and not self.draining else None
 
+    def prometheus_text(self) -> str:
+        """Every figure of the server in Prometheus' text format: the engine's (once it is
+        loaded) and the server's own. GetStats and ``--metrics-port`` both serve this."""
+        lines = ["# HELP forvalue_active_streams Open Score calls.",
+                 "# TYPE forvalue_active_streams gauge", f"forvalue_active_streams {len(self.streams)}",
+                 "# HELP forvalue_refused_calls_total Calls refused by the server, by reason.",
+                 "# TYPE forvalue_refused_calls_total counter"]
+        lines += [f'forvalue_refused_calls_total{{reason="{reason}"}} {count}'
+                  for reason, count in sorted(self.counters.items())]
+        engine = "" if self.engine is None else self.engine.prometheus_text()
+        return engine + "\n".join(lines) + "\n"
+
 
 # ---------------------------------------------------------------------- the service
 
@@ -242,18 +254,7 @@ class _Valuation(pb_grpc.ValuationServicer):
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.Stats:
         engine = await self._engine(context)
-        return stats_message(engine.stats(), len(self.server.streams),
-                             engine.prometheus_text() + self._server_metrics())
-
-    def _server_metrics(self) -> str:
-        server = self.server
-        lines = ["# HELP forvalue_active_streams Open Score calls.",
-                 "# TYPE forvalue_active_streams gauge", f"forvalue_active_streams {len(server.streams)}",
-                 "# HELP forvalue_refused_calls_total Calls refused by the server, by reason.",
-                 "# TYPE forvalue_refused_calls_total counter"]
-        lines += [f'forvalue_refused_calls_total{{reason="{reason}"}} {count}'
-                  for reason, count in sorted(server.counters.items())]
-        return "\n".join(lines) + "\n"
+        return stats_message(engine.stats(), len(self.server.streams), self.server.prometheus_text())
 
     async def _engine(self, context: grpc.aio.ServicerContext) -> AsyncEngine:
         engine = self.server.engine_or_none()

@@ -31,7 +31,8 @@ def stream_file(server: str, reference: str, input_path: str | os.PathLike, out:
                 token: str | None = None, tls: bool = False, root_certificates: str | Path | None = None,
                 limit: int | None = None, priority: int = 0, retries: int = 3,
                 progress: bool = True) -> dict[str, Any]:
-    """Value every sample of ``input_path`` on ``server`` against ``reference``, appending
+    """Value every sample of ``input_path`` on ``server`` (``host:port``, or replicas as
+    ``a:port,b:port``: see replicas.py) against ``reference``, appending
     results to ``out`` (errors to ``OUT.errors.jsonl``). Samples already in either file are
     skipped, so an interrupted run resumes where it stopped. ``limit``: value at most this many
     new samples in this run. A call refused as UNAVAILABLE or RESOURCE_EXHAUSTED is retried
@@ -41,7 +42,7 @@ def stream_file(server: str, reference: str, input_path: str | os.PathLike, out:
     samples = read_samples(input_path)
     ids = _unique_ids(samples)
     with ResultLog(Path(out), sync_seconds=SYNC_SECONDS) as log, \
-            Client(server, token, tls=tls, root_certificates=root_certificates) as client:
+            Client(server.split(","), token, tls=tls, root_certificates=root_certificates) as client:
         _check_reference(client, reference)
         done = log.done("id")
         todo = [i for i, sample_id in enumerate(ids) if sample_id not in done][:limit]
@@ -103,7 +104,9 @@ def _check_reference(client: Client, reference: str) -> None:
 
 def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``forvalue stream``."""
-    parser.add_argument("--server", required=True, metavar="HOST:PORT")
+    parser.add_argument("--server", required=True, metavar="HOST:PORT[,HOST:PORT...]",
+                        help="the server, or replicas of it (comma-separated): one stream each, a "
+                             "failed replica's samples re-sent to the others")
     parser.add_argument("--reference", required=True, metavar="NAME",
                         help="a reference resident on the server")
     parser.add_argument("--input", required=True, type=Path,

@@ -63,6 +63,7 @@ class ReferenceInfo:
     precondition: str = "none"
     damping: float = 0.0
     covariance: str = ""
+    fingerprint: str = ""  # equal on replicas that score alike
 
 
 @dataclass(frozen=True)
@@ -166,13 +167,13 @@ def reference_info_message(info: Any) -> pb.ReferenceInfo:
     return pb.ReferenceInfo(name=info.name, count=info.count, normalize=info.normalize,
                             loss_on=info.loss_on, skipped=info.skipped, version=info.version,
                             precondition=info.precondition, damping=info.damping,
-                            covariance=info.covariance)
+                            covariance=info.covariance, fingerprint=info.fingerprint)
 
 
 def reference_info_of(message: pb.ReferenceInfo) -> ReferenceInfo:
     return ReferenceInfo(message.name, message.count, message.normalize, message.loss_on,
                          message.skipped, message.version, message.precondition or "none",
-                         message.damping, message.covariance)
+                         message.damping, message.covariance, message.fingerprint)
 
 
 def stats_message(stats: Any, active_streams: int, prometheus_text: str) -> pb.Stats:

@@ -13,6 +13,30 @@ from .outputs import EngineStats, ScoreResult
 LATENCY_WINDOW = 2048
 THROUGHPUT_WINDOW_S = 30.0
 QUANTILES = (0.5, 0.9, 0.99)
+# Histogram bounds (cumulative since start, so a scraper can aggregate replicas and windows).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+STEP_TOKEN_BUCKETS = tuple(float(2 ** k) for k in range(4, 17))
+OUTCOMES_OK = ("admitted", "scored")  # every other outcome is an error of that kind
+
+
+class Histogram:
+    """Cumulative counts per upper bound, the sum and the count, as Prometheus histograms are."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def snapshot(self) -> tuple[tuple[float, ...], list[int], float, int]:
+        return self.bounds, list(self.counts), self.sum, self.count
 
 
 def prometheus_text(stats: EngineStats) -> str:
@@ -33,16 +57,30 @@ def prometheus_text(stats: EngineStats) -> str:
            f"{THROUGHPUT_WINDOW_S:.0f} s.", [("", stats.tokens_per_second)])
     metric("requests_total", "counter", "Requests by outcome.",
            [(f'{{outcome="{k}"}}', v) for k, v in sorted(stats.requests.items())])
+    metric("errors_total", "counter", "Requests answered with an error, by kind.",
+           [(f'{{kind="{k}"}}', v) for k, v in sorted(stats.requests.items()) if k not in OUTCOMES_OK])
     for phase, quantiles in stats.latency.items():
         metric(f"{phase}_latency_seconds", "summary", f"{phase.capitalize()} latency of recent "
                f"results.", [(f'{{quantile="{q}"}}', v) for q, v in quantiles.items()])
+    for name, (bounds, counts, total, count) in stats.histograms.items():
+        buckets = [(f'_bucket{{le="{b:g}"}}', c) for b, c in zip(bounds, counts, strict=True)]
+        metric(name, "histogram", HISTOGRAM_HELP[name],
+               [*buckets, ('_bucket{le="+Inf"}', count), ("_sum", total), ("_count", count)])
     return "\n".join(lines) + "\n"
 
 
+HISTOGRAM_HELP = {"request_queue_seconds": "Seconds scored requests waited in the queue.",
+                  "request_compute_seconds": "Seconds from a scored request's first step to its value.",
+                  "request_total_seconds": "Seconds from admission to value of scored requests.",
+                  "step_tokens": "Tokens per forward step."}
+
+
 class EngineMetrics:
-    """Counters, recent step throughput and latency windows of a serving engine."""
+    """Counters, recent step throughput, latency windows and histograms of a serving engine."""
 
     def __init__(self) -> None:
+        self.histograms = {name: Histogram(STEP_TOKEN_BUCKETS if name == "step_tokens" else LATENCY_BUCKETS)
+                           for name in HISTOGRAM_HELP}
         self.counts: dict[str, int] = {}
         self.steps = 0
         self.tokens_total = 0
@@ -57,6 +95,7 @@ class EngineMetrics:
         now = time.monotonic()
         self.steps += 1
         self.tokens_total += tokens
+        self.histograms["step_tokens"].observe(tokens)
         self._recent_steps.append((now, tokens))
         while self._recent_steps and self._recent_steps[0][0] < now - THROUGHPUT_WINDOW_S:
             self._recent_steps.popleft()
@@ -67,6 +106,8 @@ class EngineMetrics:
             self._latency["queue"].append(result.queue_seconds)
             self._latency["compute"].append(result.compute_seconds)
             self._latency["total"].append(result.queue_seconds + result.compute_seconds)
+            for phase in ("queue", "compute", "total"):
+                self.histograms[f"request_{phase}_seconds"].observe(self._latency[phase][-1])
 
     def snapshot(self, waiting: int, running: int, references: int) -> EngineStats:
         now = time.monotonic()
@@ -76,4 +117,5 @@ class EngineMetrics:
         latency = {phase: {q: float(np.quantile(list(values), q)) for q in QUANTILES}
                    for phase, values in self._latency.items() if values}
         return EngineStats(waiting, running, references, self.steps, self.tokens_total, rate,
-                           dict(self.counts), latency)
+                           dict(self.counts), latency,
+                           {name: h.snapshot() for name, h in self.histograms.items()})

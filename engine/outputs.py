@@ -114,6 +114,7 @@ class ReferenceInfo:
     precondition: str = "none"
     damping: float = 0.0
     covariance: str = ""  # where A came from: "valid" (the reference's own samples) or a name
+    fingerprint: str = ""  # Reference.fingerprint(): equal on replicas that score alike
 
 
 @dataclass(frozen=True)
@@ -126,3 +127,5 @@ class EngineStats:
     tokens_per_second: float
     requests: dict[str, int]  # outcome -> count
     latency: dict[str, dict[float, float]]  # "queue" | "compute" | "total" -> quantile -> s
+    # name -> (upper bounds, cumulative counts per bound, sum, count) since start
+    histograms: dict[str, tuple[tuple[float, ...], list[int], float, int]] = field(default_factory=dict)

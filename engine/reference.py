@@ -3,6 +3,7 @@ for the preconditioned value, the raw moment sum ``sum h h^T`` its preconditione
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -70,6 +71,17 @@ class Reference:
             return f"normalize={self.normalize}, no preconditioner"
         return (f"normalize={self.normalize}, precondition={self.precondition} "
                 f"(damping {self.damping:g}, covariance {self.covariance_name})")
+
+    def fingerprint(self) -> str:
+        """A digest of what a score depends on: the sums, the count, the model's identity and
+        the options. Replicas serving one name must agree on it (the client refuses to mix)."""
+        digest = hashlib.sha256(json.dumps([self.count, self.normalize, self.identity, self.precondition,
+                                            self.damping, self.tokens, self.covariance],
+                                           sort_keys=True).encode())
+        for tensor in (self.gradient_sum, self.moment_sum):
+            if tensor is not None:
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:32]
 
     @property
     def covariance_name(self) -> str:

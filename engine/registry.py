@@ -43,7 +43,8 @@ class ReferenceRegistry:
         info = ReferenceInfo(name, reference.count, reference.normalize, reference.info.get("loss_on", ""),
                              skipped, self._versions[name],
                              reference.precondition or "none", reference.damping,
-                             reference.covariance_name if reference.precondition else "")
+                             reference.covariance_name if reference.precondition else "",
+                             reference.fingerprint())
         self._residents[name] = Resident(info, ResidentReference(reference, self.math))
         return info
 

@@ -16,8 +16,8 @@ FORBIDDEN = {"kernels": {"engine", "bindings", "bench"}, "engine": {"bindings", 
 LAZY_EXCEPTIONS = {("bindings/cli.py", "forvalue.bench.eval")}
 OPS = ("vocab_logsumexp", "reference_score", "error_outer", "error_gram", "error_sketch")
 # The client SDK (it must install and import without torch) and what of forvalue it may import.
-SDK = ("client.py", "wire.py")
-SDK_MODULES = {"wire", "forvalue_pb2", "forvalue_pb2_grpc"}
+SDK = ("client.py", "replicas.py", "wire.py")
+SDK_MODULES = {"client", "replicas", "wire", "forvalue_pb2", "forvalue_pb2_grpc"}
 OLD_NOTES = "DESIGN" + ".md"  # spelled apart so that this file does not cite it
 UNTRACKED = {"__pycache__", "build", "dist"}  # generated folders (.gitignore), not the repository's
 
