@@ -57,8 +57,8 @@ def read_jsonl(path):
 
 
 def score(job, out, *extra):
-    return main(["score", "--model", job["model"], "--dtype", "float32", "--train", str(job["root"] / "train.jsonl"),
-                 "--out", str(out), "--checkpoint", "8", *extra])
+    return main(["score", "--model", job["model"], "--dtype", "float32",
+                 "--train", str(job["root"] / "train.jsonl"), "--out", str(out), "--checkpoint", "8", *extra])
 
 
 def check_same(local, distributed):
@@ -100,8 +100,8 @@ def test_parquet_in_and_out_with_fields_self_values(job, tmp_path, capsys):
     rows = [{"name": s["id"], "input_ids": s["input_ids"], "loss_mask": s["loss_mask"], "group": i % 3}
             for i, s in enumerate(job["train"])]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
-    args = ["score", "--model", job["model"], "--dtype", "float32", "--train", str(tmp_path / "train.parquet"),
-            "--id-field", "name", "--mode", "self", "--checkpoint", "16"]
+    args = ["score", "--model", job["model"], "--dtype", "float32", "--train",
+            str(tmp_path / "train.parquet"), "--id-field", "name", "--mode", "self", "--checkpoint", "16"]
     assert main([*args, "--out", str(tmp_path / "local.jsonl")]) == 0
     assert main([*args, "--out", str(tmp_path / "folder"), "--ray", "--out-format", "parquet"]) == 0
     table = pq.read_table(tmp_path / "folder" / "part-00000.parquet").to_pylist()
