@@ -13,10 +13,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from forvalue.engine import Valuator, load_model
+from forvalue.engine import Covariance, Valuator, load_model
 from forvalue.engine.readers import read_samples
 
 from .options import add_model_arguments, add_valuation_arguments, config_from_args
+from .ray_cli import add_ray_arguments, run_ray_covariance
 from .report import print_summary
 
 
@@ -29,21 +30,34 @@ def add_covariance_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", required=True, help="samples: .jsonl, .parquet or a saved datasets folder")
     parser.add_argument("--out", type=Path, required=True, help="covariance file (.safetensors)")
     add_valuation_arguments(parser, "covariance")
+    add_ray_arguments(parser, out_format=False)
 
 
 def run_covariance(args: argparse.Namespace) -> int:
     """``forvalue covariance``; returns the exit status."""
+    if args.ray:
+        built = run_ray_covariance(args)
+        if built is None:
+            return 1
+        (covariance, skipped), counts = built, {}
+    else:
+        covariance, skipped, valued = _local_covariance(args)
+        counts = {"samples": valued}
+    covariance.save(args.out)
+    print_summary({"covariance": str(args.out), **counts, "skipped": skipped, "tokens": covariance.tokens,
+                   "effective_rank": covariance.effective_rank})
+    return 0
+
+
+def _local_covariance(args: argparse.Namespace) -> tuple[Covariance, int, int]:
+    """The covariance, the samples skipped and those summed, in this process."""
     config = config_from_args(args, "covariance")
     samples = read_samples(args.train)
     model = load_model(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
     covariance, errors = Valuator(model, config=config, progress=True).covariance(samples, errors="collect")
-    covariance.save(args.out)
     for error in errors:
         print(f"forvalue: skipped {error}", file=sys.stderr)
-    print_summary({"covariance": str(args.out), "samples": len(samples) - len(errors),
-                   "skipped": len(errors), "tokens": covariance.tokens,
-                   "effective_rank": covariance.effective_rank})
-    return 0
+    return covariance, len(errors), len(samples) - len(errors)
 
 
 def add_warmup_arguments(parser: argparse.ArgumentParser) -> None:

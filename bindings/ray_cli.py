@@ -22,6 +22,7 @@ from forvalue.engine import Reference
 
 from .options import config_from_args, covariance_from_args
 from .ray_jobs import (
+    build_covariance,
     build_reference,
     check_columns,
     first_line,
@@ -37,8 +38,9 @@ from .shards import JobFiles
 PARQUET_ROWS = 1_000_000  # rows per parquet file of --out-format parquet
 
 
-def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--ray`` and its options (flags of the job, not valuation options)."""
+def add_ray_arguments(parser: argparse.ArgumentParser, *, out_format: bool = True) -> None:
+    """``--ray`` and its options (flags of the job, not valuation options); ``--out-format``
+    for the commands that write values."""
     group = parser.add_argument_group("Ray (pip install 'forvalue[ray]')")
     group.add_argument("--ray", action="store_true",
                        help="value on Ray Data: a pool of actors, one resident model each")
@@ -47,8 +49,9 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--actors", type=int, default=2, help="actors in the pool (default: 2)")
     group.add_argument("--gpus-per-actor", type=float, default=0.0,
                        help="GPUs each actor reserves (default: 0, CPU)")
-    group.add_argument("--out-format", choices=("jsonl", "parquet"), default="jsonl",
-                       help="jsonl: --out is one file; parquet: --out is a folder (default: jsonl)")
+    if out_format:
+        group.add_argument("--out-format", choices=("jsonl", "parquet"), default="jsonl",
+                           help="jsonl: --out is one file; parquet: --out is a folder (default: jsonl)")
 
 
 def check_ray_arguments(args: argparse.Namespace, mode: str) -> None:
@@ -80,7 +83,7 @@ def run_ray_job(args: argparse.Namespace, command: str, mode: str, out: Path,
         source = read_dataset(args.train, split=args.split)
         check_columns(source, fields)
         with ResultLog(files.out) as log:
-            source, total = with_index(source, log.done("index"))
+            source, total = with_index(source, log.done("index"), block_rows=args.checkpoint)
             if len(log.done("index")) == total:  # a rerun of a finished job
                 return _finish(files, out, args.out_format, mode, total)
             results = score_dataset(source, model=args.model, reference=reference, config=config,
@@ -93,6 +96,20 @@ def run_ray_job(args: argparse.Namespace, command: str, mode: str, out: Path,
               "resume", file=sys.stderr)
         return None
     return _finish(files, out, args.out_format, mode, total)
+
+
+def run_ray_covariance(args: argparse.Namespace) -> tuple[Any, int] | None:
+    """``forvalue covariance --ray``: the covariance summed on the pool (None when Ray failed,
+    reported in one line)."""
+    ray = init_ray(args.ray_address)
+    options = {"device": args.device, "dtype": args.dtype, "adapter": args.adapter}
+    try:
+        return build_covariance(read_dataset(args.train), model=args.model,
+                                config=config_from_args(args, "covariance"), actors=args.actors,
+                                gpus_per_actor=args.gpus_per_actor, model_options=options)
+    except _ray_errors(ray) as error:
+        print(f"forvalue: error: the Ray job failed: {first_line(error)}", file=sys.stderr)
+        return None
 
 
 def _covariance_path(args: argparse.Namespace, config: Any) -> str | None:

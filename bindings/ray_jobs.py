@@ -19,6 +19,7 @@ batch, merged exactly on the driver (docs/design.md, "Preconditioned value", Sto
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import pickle
@@ -38,6 +39,7 @@ INDEX = "__forvalue_index"  # a row's position in the input (never a sample key)
 LINE = "__forvalue_line"  # a JSONL line, parsed on the workers
 LINE_NUMBER = "__forvalue_line_number"  # its number in the file (blank lines count)
 RETRIES = 2  # restarts of a dead actor, and retries of its unfinished batch
+BLOCK_ROWS = 64  # rows per block of the numbered input (the local job's checkpoint)
 # Test-only: a file whose presence makes the next actor batch exit the process (removed first).
 CRASH_FLAG_ENV = "FORVALUE_TEST_CRASH_FLAG"
 
@@ -66,6 +68,7 @@ def init_ray(address: str | None = None) -> Any:
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise ValueError(f"cannot reach the Ray cluster at {address}: {first_line(error)}") from None
     ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # a line per stage is noise in a CLI
     return ray
 
 
@@ -94,16 +97,24 @@ class Source:
 
 
 def read_dataset(path: str | os.PathLike, *, split: str | None = None) -> Source:
-    """A ``.jsonl`` file, a ``.parquet`` file or folder, or a ``datasets.save_to_disk`` folder."""
+    """A ``.jsonl`` file, a ``.parquet`` file or folder, or a ``datasets.save_to_disk`` folder;
+    a URI (``s3://...``) is read by the workers, a local path is made absolute first."""
     ray = import_ray()
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such samples file: {path}")
-    if path.is_dir() and not any(path.glob("*.parquet")):
-        return Source(ray.data.from_huggingface(_saved_dataset(path, split)), str(path), False)
-    if path.suffix == ".parquet" or path.is_dir():
-        return Source(ray.data.read_parquet(str(path)), str(path), False)
-    return Source(ray.data.read_text(str(path), drop_empty_lines=False), str(path), True)
+    name = os.fspath(path)
+    if "://" not in name:
+        local = Path(name).resolve()
+        if not local.exists():
+            raise FileNotFoundError(f"no such samples file: {name}")
+        if local.is_dir() and not any(local.glob("*.parquet")):
+            return Source(ray.data.from_huggingface(_saved_dataset(local, split)), name, False)
+        if local.is_dir():
+            return Source(ray.data.read_parquet(str(local)), name, False)
+        path = str(local)
+    else:
+        path = name
+    if name.endswith(".parquet") or name.endswith("/"):
+        return Source(ray.data.read_parquet(path), name, False)
+    return Source(ray.data.read_text(path, drop_empty_lines=False), name, True)
 
 
 def _saved_dataset(path: Path, split: str | None) -> Any:
@@ -129,16 +140,20 @@ def check_columns(source: Source, fields: Mapping[str, str]) -> None:
         raise ValueError(f"{source.name} has no column {missing} (columns: {sorted(columns)})")
 
 
-def with_index(source: Source, done: set[int] = frozenset()) -> tuple[Source, int]:
+def with_index(source: Source, done: set[int] = frozenset(), *,
+               block_rows: int = BLOCK_ROWS) -> tuple[Source, int]:
     """The rows numbered in input order (blank JSON lines skipped, as the local reader does),
     without the ``done`` ones; and the number of rows. The blocks pass once through the driver
-    in order (Ray Data's order is only kept while ``preserve_order`` is set) into the store."""
+    in order (Ray Data's order is only kept while ``preserve_order`` is set) into the store,
+    cut to ``block_rows``: a block is what one actor task takes, so a file read as one block
+    would keep every actor but one idle."""
     ray = import_ray()
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    refs, total, lines = [], 0, 0
+    refs, total, lines, pending = [], 0, 0, None
+    skip = np.fromiter(done, dtype=np.int64, count=len(done))
     with _preserve_order(ray):
         for table in source.dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             if source.jsonl:  # numbered by line, as the local reader's errors say
@@ -150,9 +165,13 @@ def with_index(source: Source, done: set[int] = frozenset()) -> tuple[Source, in
             index = np.arange(total, total + table.num_rows, dtype=np.int64)
             total += table.num_rows
             table = table.append_column(INDEX, pa.array(index))
-            keep = ~np.isin(index, np.fromiter(done, dtype=np.int64, count=len(done)))
-            if keep.any():
-                refs.append(ray.put(table.filter(pa.array(keep))))
+            table = table.filter(pa.array(~np.isin(index, skip)))
+            pending = table if pending is None else pa.concat_tables([pending, table])
+            while pending.num_rows >= block_rows:
+                refs.append(ray.put(pending.slice(0, block_rows)))
+                pending = pending.slice(block_rows)
+    if pending is not None and pending.num_rows:
+        refs.append(ray.put(pending))
     dataset = ray.data.from_arrow_refs(refs) if refs else ray.data.from_items([])
     return Source(dataset, source.name, source.jsonl, indexed=True), total
 
@@ -250,6 +269,11 @@ class _Worker:
                 "part": [pickle.dumps(part)]}
 
 
+def _absolute(path: str | None) -> str | None:
+    """A path that exists here, made absolute; anything else (a model name, None) as it is."""
+    return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+
 def _resolve_reference(reference: Any) -> Reference:
     if isinstance(reference, (str, os.PathLike)):
         return Reference.load(reference)
@@ -273,7 +297,11 @@ def _map(source: Source, job: Job, *, actors: int, gpus_per_actor: float, batch_
         raise ValueError(f"--actors must be positive, got {actors}")
     if gpus_per_actor < 0:
         raise ValueError(f"--gpus-per-actor must be >= 0, got {gpus_per_actor}")
-    job = Job(**{**job.__dict__, "source": source.name, "jsonl": source.jsonl})
+    # Workers do not share the driver's working directory: local paths go absolute.
+    options = {**job.model_options, "adapter": _absolute(job.model_options.get("adapter"))}
+    job = Job(**{**job.__dict__, "source": source.name, "jsonl": source.jsonl, "model": _absolute(job.model),
+                 "model_options": options, "covariance": _absolute(job.covariance),
+                 "reference": _absolute(job.reference) if isinstance(job.reference, str) else job.reference})
     return source.dataset.map_batches(
         _Worker, fn_constructor_args=(job,), batch_size=batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor or None,
@@ -298,7 +326,7 @@ def score_dataset(dataset: Any, *, model: str, reference: Any = None, config: Va
         raise ValueError("mode reference needs a reference (a Reference, its file or an ObjectRef)")
     source = dataset if isinstance(dataset, Source) else Source(dataset, "input", False)
     if not source.indexed:
-        source, _ = with_index(source)
+        source, _ = with_index(source, block_rows=batch_size)
     if isinstance(reference, Reference):
         reference = ray.put(reference)
     job = Job(str(model), config or ValuationConfig(), dict(model_options or {}), reference,

@@ -16,8 +16,7 @@ import torch
 
 from forvalue.bindings import ray_jobs
 from forvalue.bindings.cli import main
-from forvalue.engine import Valuator, load_model
-from forvalue.engine.config import ValuationConfig
+from forvalue.engine import Covariance, Valuator, load_model
 from forvalue.engine.readers import read_samples
 
 from tiny_models import random_samples, tiny_model
@@ -85,6 +84,16 @@ def test_ray_values_equal_the_local_job_and_resume_redoes_nothing(job, tmp_path)
     assert (tmp_path / "ray.jsonl").read_text() == before
 
 
+def test_the_input_is_numbered_in_order_and_cut_into_blocks_for_every_actor(job):
+    source, total = ray_jobs.with_index(ray_jobs.read_dataset(job["root"] / "train.jsonl"), {0, 39},
+                                        block_rows=8)
+    assert total == N_TRAIN and source.dataset.materialize().num_blocks() == 5
+    rows = source.dataset.take_all()
+    assert [r[ray_jobs.INDEX] for r in rows] == list(range(1, N_TRAIN - 1))
+    assert [json.loads(r[ray_jobs.LINE])["id"] for r in rows[:3]] == ["s5-1", "s5-2", "s5-3"]
+    assert rows[3][ray_jobs.LINE_NUMBER] == 6  # the blank line after the third counts
+
+
 def test_an_actor_that_dies_is_retried_and_every_id_comes_once(job, tmp_path):
     reference = tmp_path / "ref.safetensors"
     model = load_model(job["model"], dtype="float32")
@@ -112,13 +121,14 @@ def test_parquet_in_and_out_with_fields_self_values(job, tmp_path, capsys):
     assert "has no column ['missing']" in capsys.readouterr().err
 
 
-def test_a_covariance_built_on_the_pool_equals_the_local_one(job):
+def test_a_covariance_built_on_the_pool_equals_the_local_one(job, tmp_path):
     samples = read_samples(job["root"] / "valid.jsonl")
     local = Valuator(load_model(job["model"], dtype="float64"), progress=False).covariance(samples)
-    source = ray_jobs.read_dataset(job["root"] / "valid.jsonl")
-    built, skipped = ray_jobs.build_covariance(source, model=job["model"], config=ValuationConfig(), actors=2,
-                                               model_options={"dtype": "float64"})
-    assert skipped == 0 and built.tokens == local.tokens
+    out = tmp_path / "c.safetensors"
+    assert main(["covariance", "--model", job["model"], "--dtype", "float64", "--train",
+                 str(job["root"] / "valid.jsonl"), "--out", str(out), "--ray", "--actors", "2"]) == 0
+    built = Covariance.load(out)
+    assert built.tokens == local.tokens
     torch.testing.assert_close(built.moment_sum, local.moment_sum, rtol=1e-12, atol=1e-12)
 
 
