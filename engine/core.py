@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -32,6 +33,7 @@ from .runner import ModelRunner
 from .samples import EncodedSample, encode_sample
 from .scheduler import Scheduler, SchedulerConfig
 from .scoring import ReferenceBuilder, ResidentReference
+from .vision import ImageSamples
 
 
 @dataclass(frozen=True)
@@ -66,13 +68,17 @@ class EngineCore:
 
     # ------------------------------------------------------------------ admission
 
-    def encode(self, sample: Any, *, where: str, index: int | None = None) -> EncodedSample:
-        """Every check of a sample, once: its form and labels, its length against the model's
-        context, its token ids against the embedding table. Raises SampleError."""
+    def encode(self, sample: Any, *, where: str, index: int | None = None,
+               root: Path | None = None) -> EncodedSample:
+        """Every check of a sample, once: its form and labels, its images (an image-text
+        model; relative paths start at ``root``, else the current directory), its length
+        against the model's context, its token ids against the embedding table. Raises
+        SampleError."""
+        images = None if self.model.vision is None else ImageSamples(self.model.vision, root)
         encoded = encode_sample(sample, self.model.tokenizer, where=where, index=index,
                                 loss_on=self.config.loss_on, append_eos=self.config.append_eos,
                                 max_length=self.config.max_length,
-                                context_length=self.model.context_length)
+                                context_length=self.model.context_length, images=images)
         self.runner.check_sample(encoded, index)
         return encoded
 

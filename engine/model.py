@@ -2,7 +2,9 @@
 
 The head (weight, bias) and the logit transform (scale, final softcap) are read from the
 model and checked on a probe input against the model's own logits, so that every value is
-computed with exactly the logits the model would produce.
+computed with exactly the logits the model would produce. An image-text model comes with its
+processor (engine/vision.py); its backbone is the language model with the vision tower and
+projector, and its probe holds an image.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +22,10 @@ from forvalue.kernels import LogitTransform
 
 from .embedded import EMBEDDED_MODELS, embedded_path
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .images import ImageLimits
+    from .vision import ImageInputs, Vision
 
 
 class ModelError(ValueError):
@@ -38,6 +44,7 @@ class ValuationModel:
     context_length: int | None
     identity: dict[str, str] = field(default_factory=dict)
     causal_lm: torch.nn.Module | None = None  # the whole model (LoRA warm-up), never run to value
+    vision: Vision | None = None  # an image-text model's processor and image tokens
 
     @property
     def device(self) -> torch.device:
@@ -57,11 +64,21 @@ class ValuationModel:
 
 
     @torch.inference_mode()
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final (post-norm) hidden states, ``(batch, length, d)``; the LM head never runs."""
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      images: ImageInputs | None = None) -> torch.Tensor:
+        """Final (post-norm) hidden states, ``(batch, length, d)``; the LM head never runs.
+        ``images``: one sample's image inputs."""
         out = self.backbone(input_ids=input_ids.to(self.device),
-                            attention_mask=attention_mask.to(self.device), use_cache=False)
+                            attention_mask=attention_mask.to(self.device), use_cache=False,
+                            **self.image_inputs(images))
         return out.last_hidden_state
+
+    def image_inputs(self, images: ImageInputs | None) -> dict[str, torch.Tensor]:
+        """A sample's image inputs as keyword arguments: on the device, pixels in the model's dtype."""
+        if images is None:
+            return {}
+        return {key: value.to(self.device, self.dtype if value.is_floating_point() else value.dtype)
+                for key, value in images.tensors.items()}
 
     def logits(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Transformed logits ``f(W h + b)`` of a few hidden states, ``T x V`` (for probe checks
@@ -76,12 +93,16 @@ class ValuationModel:
 
 def load_model(model: str | os.PathLike | torch.nn.Module = "smollm2-135m", *,
                tokenizer: Any | None = None, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None, adapter: str | None = None) -> ValuationModel:
-    """Load the embedded default, a local Hugging Face causal LM (path or cached id), or
-    wrap a model object already built. Float32 on CPU and bfloat16 on CUDA by default.
+               dtype: str | torch.dtype | None = None, adapter: str | None = None,
+               processor: Any | None = None, image_limits: ImageLimits | None = None) -> ValuationModel:
+    """Load the embedded default, a local Hugging Face causal LM or image-text model (path
+    or cached id), or wrap a model object already built. Float32 on CPU and bfloat16 on CUDA
+    by default.
 
     ``adapter``: a local PEFT (LoRA) adapter folder; it is merged into the weights, so values
-    are those of the adapted model."""
+    are those of the adapted model. ``processor``: an image-text model's processor (a folder
+    brings its own); its tokenizer is the model's. ``image_limits``: the largest image a
+    sample may hold (engine/images.py, ImageLimits)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _resolve_dtype(dtype, device)
     if isinstance(model, torch.nn.Module):
@@ -89,13 +110,17 @@ def load_model(model: str | os.PathLike | torch.nn.Module = "smollm2-135m", *,
     else:
         name = str(model)
         path = embedded_path(name) if name in EMBEDDED_MODELS else name
-        hf_model, loaded_tokenizer = _load_pretrained(path, dtype)
+        hf_model, loaded_tokenizer, loaded_processor = _load_pretrained(path, dtype)
         hf_model = hf_model.to(device)
+        processor = processor if processor is not None else loaded_processor
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
     if adapter is not None:
         hf_model = _merge_adapter(hf_model, str(adapter))
         name = f"{name}+{adapter}"
-    return _wrap(hf_model, tokenizer, name)
+    vision = _vision(hf_model, processor, image_limits, name)
+    if vision is not None and tokenizer is None:
+        tokenizer = processor.tokenizer
+    return _wrap(hf_model, tokenizer, name, vision)
 
 
 def _merge_adapter(hf_model: torch.nn.Module, adapter: str) -> torch.nn.Module:
@@ -124,7 +149,8 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
     return resolved
 
 
-def _load_pretrained(path: str, dtype: torch.dtype) -> tuple[torch.nn.Module, Any | None]:
+def _load_pretrained(path: str, dtype: torch.dtype) -> tuple[torch.nn.Module, Any | None, Any | None]:
+    """The model, its tokenizer and (image-text models) its processor."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -133,23 +159,54 @@ def _load_pretrained(path: str, dtype: torch.dtype) -> tuple[torch.nn.Module, An
         raise ModelError(f"cannot load model {path!r}: not a local model folder nor a model in the "
                          f"local Hugging Face cache (forvalue never downloads from a hub). "
                          f"Embedded models: {', '.join(EMBEDDED_MODELS)}. ({exc})") from None
-    _refuse_image_text(config, path)
+    if _is_image_text(config):
+        return _load_image_text(path, dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError):
         tokenizer = None  # pre-tokenised samples still work
-    return model, tokenizer
+    return model, tokenizer, None
 
 
-def _refuse_image_text(config: Any, name: str) -> None:
-    if getattr(config, "vision_config", None) is not None:
-        raise ModelError(f"{name} is an image-text model; image-text valuation is not supported yet")
+def _load_image_text(path: str, dtype: torch.dtype) -> tuple[torch.nn.Module, Any, Any]:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except ValueError as exc:
+        raise ModelError(f"{path} is an image-text model of a family transformers cannot load as "
+                         f"AutoModelForImageTextToText: {exc}") from None
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # a processor class may need packages this install lacks (torchvision)
+        raise ModelError(f"{path}: cannot load its processor ({type(exc).__name__}: {exc}); build it "
+                         "yourself and pass load_model(model, processor=...)") from None
+    return model, processor.tokenizer, processor
 
 
-def _wrap(hf_model: torch.nn.Module, tokenizer: Any | None, name: str) -> ValuationModel:
-    config = hf_model.config
-    _refuse_image_text(config, name)
+def _is_image_text(config: Any) -> bool:
+    return getattr(config, "vision_config", None) is not None
+
+
+def _vision(hf_model: torch.nn.Module, processor: Any | None, limits: ImageLimits | None,
+            name: str) -> Vision | None:
+    """An image-text model's Vision (its processor is required); None for a text model."""
+    if not _is_image_text(hf_model.config):
+        if processor is not None:
+            raise ModelError(f"{name} is a text-only model; processor= is for image-text models")
+        return None
+    if processor is None or getattr(processor, "image_processor", None) is None:
+        raise ModelError(f"{name} is an image-text model: pass its processor, "
+                         "load_model(model, processor=AutoProcessor...)")
+    from .vision import Vision
+
+    return Vision.of(processor, limits)
+
+
+def _wrap(hf_model: torch.nn.Module, tokenizer: Any | None, name: str,
+          vision: Vision | None) -> ValuationModel:
+    config = hf_model.config.get_text_config()  # a text model's own config; a VLM's language model's
     head = hf_model.get_output_embeddings()
     backbone = getattr(hf_model, getattr(hf_model, "base_model_prefix", "model"), None)
     if head is None or backbone is None or backbone is hf_model:
@@ -161,7 +218,7 @@ def _wrap(hf_model: torch.nn.Module, tokenizer: Any | None, name: str) -> Valuat
     model = ValuationModel(
         name=name, backbone=backbone, head_weight=head.weight.detach(),
         transform=LogitTransform(bias, scale, float(softcap) if softcap else None), tokenizer=tokenizer,
-        context_length=getattr(config, "max_position_embeddings", None), causal_lm=hf_model)
+        context_length=getattr(config, "max_position_embeddings", None), causal_lm=hf_model, vision=vision)
     _check_probe(hf_model, model)
     model.identity = _identity(hf_model, model)
     return model
@@ -178,12 +235,13 @@ def _logit_scale(config: Any) -> float | None:
 
 @torch.inference_mode()
 def _check_probe(hf_model: torch.nn.Module, model: ValuationModel) -> None:
-    """Refuse a family whose logits the head + transform do not reproduce."""
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.vocab_size, (1, 12), generator=gen).to(model.device)
+    """Refuse a family whose logits the head + transform do not reproduce (on a conversation
+    with an image for an image-text model)."""
+    ids, images = _probe_inputs(model)
     mask = torch.ones_like(ids)
-    expected = hf_model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float()
-    got = model.logits(model.hidden_states(ids, mask)[0], model.head_weight.float())
+    expected = hf_model(input_ids=ids, attention_mask=mask, use_cache=False,
+                        **model.image_inputs(images)).logits[0].float()
+    got = model.logits(model.hidden_states(ids, mask, images)[0], model.head_weight.float())
     if expected.shape != got.shape:
         raise ModelError(f"{model.name}: the model returns logits of shape {tuple(expected.shape)}, "
                          f"the head gives {tuple(got.shape)}; this family is not supported")
@@ -196,9 +254,26 @@ def _check_probe(hf_model: torch.nn.Module, model: ValuationModel) -> None:
             f"logits in a way forvalue does not support yet")
 
 
+def _probe_inputs(model: ValuationModel) -> tuple[torch.Tensor, ImageInputs | None]:
+    if model.vision is None:
+        gen = torch.Generator().manual_seed(0)
+        return torch.randint(0, model.vocab_size, (1, 12), generator=gen).to(model.device), None
+    from .chat import InvalidSample
+
+    try:
+        ids, images = model.vision.probe()
+    except InvalidSample as error:
+        raise ModelError(f"{model.name}: its processor cannot encode a conversation with an image "
+                         f"({error})") from None
+    return torch.tensor([ids], device=model.device), images
+
+
 def _identity(hf_model: torch.nn.Module, model: ValuationModel) -> dict[str, str]:
-    """What a saved Reference must match: model fingerprint, sizes, transform, tokenizer."""
+    """What a saved Reference must match: model fingerprint, sizes, transform, tokenizer (and
+    an image-text model's processor)."""
+    vision = {} if model.vision is None else {"processor_hash": model.vision.fingerprint()}
     return {
+        **vision,
         "model_name": model.name,
         "model_hash": _model_fingerprint(hf_model),
         "vocab_size": str(model.vocab_size),

@@ -10,7 +10,9 @@ of three ways, chosen per model family by a capability check on a probe and per 
 - ``flex``: the same row, with FlexAttention and a document block mask (engine/attention.py);
 - ``buckets``: length-sorted padded sub-batches (right padding), for a family whose packed
   hidden states do not equal its per-sample ones (or which refuses the packed functions,
-  e.g. attention logit softcapping).
+  e.g. attention logit softcapping), and for every image-text model: there a sample with
+  images runs alone, with its own pixel values and the position ids its family computes
+  (Qwen2-VL's 3-D M-RoPE ids), and samples without images run in buckets.
 
 A chunk step runs one chunk of a long request alone, with the model's own attention and a
 ``DynamicCache`` carried between chunks, positions continuing. Labels never cross request
@@ -107,6 +109,14 @@ def _choose_attention(model: ValuationModel, requested: str) -> tuple[str, str |
     return "buckets", "; ".join(reasons)
 
 
+def _image_text_attention(model: ValuationModel, requested: str) -> tuple[str, str]:
+    """Buckets: packing image samples would need a per-family check of image features and
+    positions in a packed row, which is not built (docs/design.md, "Image-text models")."""
+    if requested in PACKED_MODES:
+        raise PackingUnsupported(f"{model.name}: image-text models run in buckets, not {requested}")
+    return "buckets", "image-text models run in buckets"
+
+
 def _auto_modes(model: ValuationModel) -> tuple[str, ...]:
     """The packed modes "auto" tries on this model's device, best first; buckets follow."""
     if model.device.type != "cuda":
@@ -194,6 +204,13 @@ def _forward_padded(model: ValuationModel, samples: Sequence[Sequence[int]]) -> 
         return model.hidden_states(ids, mask)
 
 
+def _forward_images(model: ValuationModel, sample: EncodedSample) -> torch.Tensor:
+    """``(length, d)`` of one sample with images, alone (its pixel values and grids are its own)."""
+    ids = torch.tensor([sample.input_ids])
+    with _FORWARD_LOCK:
+        return model.hidden_states(ids, torch.ones_like(ids), sample.images)[0]
+
+
 def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     """Group indices, longest first, so that ``len(batch) * longest <= batch_tokens``."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -225,16 +242,24 @@ class ModelRunner:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         self.model = model
         self.batch_tokens = batch_tokens
-        self.attention, self.why_not_packed = _choose_attention(model, attention)
+        choose = _choose_attention if model.vision is None else _image_text_attention
+        self.attention, self.why_not_packed = choose(model, attention)
         self.vocab_size = model.backbone.get_input_embeddings().num_embeddings
         parameters = inspect.signature(model.backbone.forward).parameters
         self._cache_keyword = "cache" if "cache" in parameters else "past_key_values"
 
     def check_sample(self, sample: EncodedSample, index: int | None = None) -> None:
-        """Raise SampleError for a sample the model cannot run (ids outside its embedding table)."""
+        """Raise SampleError for a sample the model cannot run: ids outside its embedding
+        table, or a sample of an image-text model longer than a step (never chunked, so that
+        no chunk ends inside an image)."""
         largest = max(sample.input_ids)
         if largest >= self.vocab_size:
             raise SampleError(f"token id {largest} is outside the model's vocabulary ({self.vocab_size})",
+                              sample_id=sample.id, where=sample.where, index=index)
+        if self.model.vision is not None and len(sample.input_ids) > self.batch_tokens:
+            raise SampleError(f"the sample has {len(sample.input_ids)} tokens (image tokens included), more "
+                              f"than batch_tokens={self.batch_tokens}; samples of an image-text model are "
+                              "never split into chunks: raise batch_tokens",
                               sample_id=sample.id, where=sample.where, index=index)
 
     # ------------------------------------------------------------ forward
@@ -268,7 +293,11 @@ class ModelRunner:
     def _bucket_states(self, samples: list[EncodedSample]) -> list[tuple[PartialStates, bool]]:
         lengths = [len(sample.input_ids) for sample in samples]
         states: dict[int, tuple[PartialStates, bool]] = {}
-        for bucket in length_batches(lengths, self.batch_tokens):
+        text = [i for i, sample in enumerate(samples) if sample.images is None]
+        for i in sorted(set(range(len(samples))) - set(text)):
+            states[i] = _gather(_forward_images(self.model, samples[i]), [(samples[i], 0, 0, lengths[i])])[0]
+        for bucket in length_batches([lengths[i] for i in text], self.batch_tokens):
+            bucket = [text[j] for j in bucket]
             padded = _forward_padded(self.model, [samples[i].input_ids for i in bucket])
             width = padded.shape[1]
             pieces = [(samples[i], row * width, 0, lengths[i]) for row, i in enumerate(bucket)]

@@ -3,7 +3,8 @@
 A sample is a dict with an optional "id", an optional "meta" (ignored) and exactly one form:
 {"prompt", "response"}, {"messages"}, {"text"}, {"input_ids", "loss_mask"} or
 {"input_ids", "labels"}. `label_mask[k]` says token k is a label, predicted from position
-k - 1, so `label_mask[0]` is always False.
+k - 1, so `label_mask[0]` is always False. Messages may hold images when the model is an
+image-text one (engine/vision.py encodes them).
 """
 
 from __future__ import annotations
@@ -11,10 +12,17 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .chat import IMAGE_KEYS, assistant_spans, check_messages, render
+from .chat import InvalidSample as _Invalid
+from .chat import quoted as _quoted
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from .vision import ImageInputs, ImageSamples
 
 FORMS: dict[str, frozenset[str]] = {
     "prompt/response": frozenset({"prompt", "response"}),
@@ -24,8 +32,6 @@ FORMS: dict[str, frozenset[str]] = {
     "input_ids/labels": frozenset({"input_ids", "labels"}),
 }
 OPTIONAL_KEYS = frozenset({"id", "meta"})
-IMAGE_KEYS = frozenset({"image", "images", "pixel_values"})
-MESSAGE_KEYS = frozenset({"role", "content"})
 LOSS_ON = ("response", "all")
 IGNORE_INDEX = -100  # Hugging Face's "not a label"
 
@@ -35,7 +41,8 @@ _FORMS_HELP = (
     + ", ".join("{" + ", ".join(f'"{k}"' for k in sorted(keys)) + "}" for keys in FORMS.values())
     + ', with an optional "id" and "meta"'
 )
-_NO_IMAGES = "image-text samples are not supported yet"
+_IMAGE_FORM = ('image-text samples are chat messages whose content holds the image: '
+               '{"type": "image", "image": PATH_BYTES_OR_DATA_URI}')
 
 
 class SampleError(ValueError):
@@ -60,10 +67,6 @@ def _rebuild_error(cls: type[SampleError], message: str, sample_id: str | None, 
     return cls(message, sample_id=sample_id, where=where, index=index)
 
 
-class _Invalid(Exception):
-    """Raised by the helpers below; encode_sample adds the sample's id and place."""
-
-
 @dataclass(frozen=True)
 class EncodedSample:
     id: str
@@ -71,6 +74,7 @@ class EncodedSample:
     input_ids: tuple[int, ...]
     label_mask: tuple[bool, ...]
     truncated: bool
+    images: ImageInputs | None = None  # what the model takes besides the ids (pixel values, ...)
 
     @property
     def num_labels(self) -> int:
@@ -92,6 +96,12 @@ class SampleList(list):
         if len(self.lines) != len(self):
             raise ValueError(f"{len(self)} samples but {len(self.lines)} line numbers")
 
+    @property
+    def root(self) -> Path | None:
+        """Where relative image paths start: the folder of the file (or the folder) read."""
+        path = Path(self.source)
+        return path.parent if path.is_file() else path if path.is_dir() else None
+
     def where(self, index: int) -> str:
         # Samples appended after reading have no line: fall back to their position.
         if index < len(self.lines):
@@ -105,6 +115,11 @@ def where_of(samples: Sequence[Any], index: int) -> str:
     return f"index {index}"
 
 
+def root_of(samples: Sequence[Any]) -> Path | None:
+    """The folder relative image paths of ``samples`` start from (None: the current one)."""
+    return samples.root if isinstance(samples, SampleList) else None
+
+
 def encode_sample(
     sample: Any,
     tokenizer: PreTrainedTokenizerBase | None,
@@ -115,22 +130,28 @@ def encode_sample(
     append_eos: bool = False,
     max_length: int | None = None,
     context_length: int | None = None,
+    images: ImageSamples | None = None,
 ) -> EncodedSample:
     """Tokenise one sample and mark its labels; a bad sample raises SampleError.
 
     `tokenizer` may be None for pre-tokenised samples (then ids are not range-checked).
+    `images`: the image-text model's encoder of messages with images (None: text-only).
     Without an "id", the sample is named str(index), or `where` when no index is given.
     """
     _check_options(loss_on, max_length)
     sample_id = _sample_id(sample)
     try:
-        input_ids, label_mask = _encode_form(sample, tokenizer, loss_on=loss_on, append_eos=append_eos)
+        input_ids, label_mask, pixels = _encode_form(sample, tokenizer, loss_on=loss_on,
+                                                     append_eos=append_eos, images=images)
         if not input_ids:
             raise _Invalid("the sample has no tokens")
-        if loss_on == "all":
+        if loss_on == "all" and pixels is None:  # an image sample's encoder never labels images
             label_mask = [True] * len(input_ids)
         label_mask[0] = False  # nothing predicts the first token
         input_ids, label_mask, truncated = _fit(input_ids, label_mask, max_length, context_length)
+        if truncated and pixels is not None and len(input_ids) <= pixels.last_image_token:
+            raise _Invalid(f"max_length={max_length} would cut an image (its tokens end at position "
+                           f"{pixels.last_image_token}); image samples are cut after their last image only")
         if not any(label_mask):
             kept = f" in the first {len(input_ids)} tokens kept by max_length" if truncated else ""
             raise _Invalid(f"nothing to value (no label tokens{kept})")
@@ -142,6 +163,7 @@ def encode_sample(
         input_ids=tuple(input_ids),
         label_mask=tuple(label_mask),
         truncated=truncated,
+        images=pixels,
     )
 
 
@@ -192,29 +214,35 @@ def _fit(
 
 
 def _encode_form(
-    sample: Any, tokenizer: PreTrainedTokenizerBase | None, *, loss_on: str, append_eos: bool
-) -> tuple[list[int], list[bool]]:
+    sample: Any, tokenizer: PreTrainedTokenizerBase | None, *, loss_on: str, append_eos: bool,
+    images: ImageSamples | None,
+) -> tuple[list[int], list[bool], ImageInputs | None]:
+    """Token ids, label mask and (image samples only) the model's image inputs."""
     if not isinstance(sample, dict):
         raise _Invalid(f"expected a dict, got {type(sample).__name__}; {_FORMS_HELP}")
     if "id" in sample and not _valid_id(sample["id"]):
         raise _Invalid(f'"id" must be a string or an integer, got {type(sample["id"]).__name__}')
     form = _form_of(sample)
+    if form == "messages" and images is not None:  # rendered by the processor, images or not
+        return images.encode(sample["messages"], find_assistant=loss_on == "response")
     if form == "prompt/response":
-        return _encode_prompt_response(sample, tokenizer, append_eos)
-    if form == "messages":
-        return _encode_messages(sample["messages"], tokenizer, find_assistant=loss_on == "response")
-    if form == "text":
+        ids, mask = _encode_prompt_response(sample, tokenizer, append_eos)
+    elif form == "messages":
+        ids, mask = _encode_messages(sample["messages"], tokenizer, find_assistant=loss_on == "response")
+    elif form == "text":
         ids = _tokenize(_need_tokenizer(tokenizer, form), _text_field(sample, "text"), special=True)
-        return ids, [True] * len(ids)
-    if form == "input_ids/loss_mask":
-        return _encode_loss_mask(sample, tokenizer)
-    return _encode_hf_labels(sample, tokenizer)
+        mask = [True] * len(ids)
+    elif form == "input_ids/loss_mask":
+        ids, mask = _encode_loss_mask(sample, tokenizer)
+    else:
+        ids, mask = _encode_hf_labels(sample, tokenizer)
+    return ids, mask, None
 
 
 def _form_of(sample: dict[Any, Any]) -> str:
     keys = set(sample) - OPTIONAL_KEYS
     if keys & IMAGE_KEYS:
-        raise _Invalid(_NO_IMAGES)
+        raise _Invalid(f"{_quoted(keys & IMAGE_KEYS)} is not a sample key; {_IMAGE_FORM}")
     unknown = keys - _FORM_KEYS
     if unknown:
         raise _Invalid(_unknown_keys_message(unknown))
@@ -236,10 +264,6 @@ def _unknown_keys_message(unknown: set[Any]) -> str:
         close = difflib.get_close_matches(str(key), sorted(_FORM_KEYS | OPTIONAL_KEYS), n=1)
         hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
     return f'unknown key(s) {", ".join(hints)}; {_FORMS_HELP}; put your own fields under "meta"'
-
-
-def _quoted(keys: Iterable[Any]) -> str:
-    return ", ".join(repr(k) for k in sorted(keys, key=str))
 
 
 def _need_tokenizer(tokenizer: PreTrainedTokenizerBase | None, form: str) -> PreTrainedTokenizerBase:
@@ -282,89 +306,19 @@ def _encode_messages(
     messages: Any, tokenizer: PreTrainedTokenizerBase | None, *, find_assistant: bool
 ) -> tuple[list[int], list[bool]]:
     """Render the chat template; with find_assistant, label the assistant turns' tokens."""
-    _check_messages(messages, need_assistant=find_assistant)
+    check_messages(messages, need_assistant=find_assistant)
     tokenizer = _need_tokenizer(tokenizer, "messages")
     if getattr(tokenizer, "chat_template", None) is None:
         raise _Invalid("the tokenizer has no chat template; give prompt/response or text instead")
     if not getattr(tokenizer, "is_fast", False):
         raise _Invalid("messages need a fast tokenizer (character offsets locate the assistant turns)")
-    full = _render(tokenizer, messages)
+    full = render(tokenizer, messages)
     encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     if not find_assistant:
         return list(encoding["input_ids"]), [True] * len(encoding["input_ids"])
-    spans = [
-        _assistant_span(tokenizer, messages, i, full)
-        for i, message in enumerate(messages)
-        if message["role"] == "assistant"
-    ]
+    spans = assistant_spans(tokenizer, messages, full)
     mask = [any(start <= offset < end for start, end in spans) for offset, _ in encoding["offset_mapping"]]
     return list(encoding["input_ids"]), mask
-
-
-def _check_messages(messages: Any, *, need_assistant: bool) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise _Invalid('"messages" must be a non-empty list of {"role", "content"} dicts')
-    for n, message in enumerate(messages):
-        _check_message(message, f"messages[{n}]")
-    if need_assistant and not any(m["role"] == "assistant" for m in messages):
-        raise _Invalid("nothing to value: no assistant message (its turns are the labels)")
-
-
-def _check_message(message: Any, name: str) -> None:
-    if not isinstance(message, dict):
-        raise _Invalid(f'{name} must be a dict with "role" and "content", got {type(message).__name__}')
-    if isinstance(message.get("content"), list) or set(message) & IMAGE_KEYS:
-        raise _Invalid(f"{_NO_IMAGES} ({name} has a list of content parts or an image)")
-    unknown = set(message) - MESSAGE_KEYS
-    if unknown:
-        raise _Invalid(f'{name} has unknown key(s) {_quoted(unknown)}; a message is {{"role", "content"}}')
-    role, content = message.get("role"), message.get("content")
-    if not isinstance(role, str) or not role:
-        raise _Invalid(f'{name}["role"] must be a non-empty string')
-    if not isinstance(content, str):
-        raise _Invalid(f'{name}["content"] must be a string, got {type(content).__name__}')
-    if role == "assistant" and not content:
-        raise _Invalid(f"{name} is an empty assistant message")
-
-
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], prompt: bool = False) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
-    except Exception as error:  # the template is the model author's code: any failure is this sample's
-        raise _Invalid(f"the chat template failed on this conversation: {error}") from error
-
-
-def _assistant_span(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], i: int, full: str
-) -> tuple[int, int]:
-    """Characters [start, end) of assistant message i in the full render, end-of-turn included.
-
-    start: where render(messages[:i], generation prompt) and render(messages[:i+1]) part.
-    end: the end of render(messages[:i+1]) without trailing whitespace (the newline after
-    an end-of-turn token is not the assistant's).
-    """
-    upto = _render(tokenizer, messages[: i + 1])
-    if not full.startswith(upto):
-        raise _Invalid(
-            f"the chat template does not render prefixes consistently (the first {i + 1} messages "
-            "do not render as a prefix of the whole conversation), so assistant turns cannot be located"
-        )
-    if i == 0:
-        # Templates refuse an empty conversation: compare with the same turn holding a
-        # sentinel instead, which parts from the real one where its content starts.
-        before = _render(tokenizer, [{**messages[0], "content": "\x00"}])
-    else:
-        before = _render(tokenizer, messages[:i], prompt=True)
-    return _common_prefix_length(before, upto), len(upto.rstrip())
-
-
-def _common_prefix_length(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):  # stops at the shorter string
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 # ---- pre-tokenised --------------------------------------------------------------------

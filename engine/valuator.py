@@ -23,7 +23,7 @@ from .outputs import Finished, LabelStates, TokenValues
 from .precondition import Covariance, MomentAccumulator, Preconditioner, resolve_damping
 from .reference import Reference
 from .request import Request
-from .samples import SampleError, where_of
+from .samples import SampleError, root_of, where_of
 from .scoring import ReferenceBuilder, ResidentReference
 
 ROUTES = ("auto", "gram", "outer")
@@ -167,9 +167,10 @@ class Valuator:
         if self.model.tokenizer is None and any(_needs_tokenizer(s) for s in samples):
             raise ValueError("the model was loaded without a tokenizer; pass tokenizer= to "
                              "load_model or give pre-tokenised samples")
+        root = root_of(samples)
         for index, sample in enumerate(samples):
             try:
-                encoded = core.encode(sample, where=where_of(samples, index), index=index)
+                encoded = core.encode(sample, where=where_of(samples, index), index=index, root=root)
             except SampleError as error:
                 if mode == "raise":
                     raise

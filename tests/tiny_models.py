@@ -40,13 +40,15 @@ def tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
     return model.double().eval()
 
 
-def autograd_gradient(model: torch.nn.Module, input_ids: list[int], label_mask: list[bool]) -> torch.Tensor:
-    """``d/dW sum_k m_k log p_{k-1}[x_k]`` with the output projection as its own parameter."""
+def autograd_gradient(model: torch.nn.Module, input_ids: list[int], label_mask: list[bool],
+                      inputs: dict | None = None) -> torch.Tensor:
+    """``d/dW sum_k m_k log p_{k-1}[x_k]`` with the output projection as its own parameter;
+    ``inputs``: more keyword arguments of the model's forward (an image-text model's pixels)."""
     head_weight = model.get_output_embeddings().weight.detach().clone().requires_grad_(True)
     ids = torch.tensor([input_ids])
     # tie_weights=False: only the head is replaced, a tied embedding keeps the original.
-    logits = functional_call(model, {"lm_head.weight": head_weight}, args=(), strict=False,
-                             tie_weights=False, kwargs={"input_ids": ids, "use_cache": False}).logits[0]
+    logits = functional_call(model, {"lm_head.weight": head_weight}, args=(), strict=False, tie_weights=False,
+                             kwargs={"input_ids": ids, "use_cache": False, **(inputs or {})}).logits[0]
     logp = torch.log_softmax(logits.double(), dim=-1)
     positions = [k for k, m in enumerate(label_mask) if m]
     objective = sum(logp[k - 1, input_ids[k]] for k in positions)
