@@ -9,13 +9,13 @@ import sys
 import urllib.request
 
 import pytest
+from test_grpc import VALID, ServerThread, expected, valuator
 
 from forvalue.bindings import Client
 from forvalue.bindings.metrics_http import MetricsServer
 from forvalue.bindings.replicas import ReplicaMismatch
 from forvalue.bindings.stream_job import stream_file
 
-from test_grpc import VALID, ServerThread, expected, valuator
 from tiny_models import random_samples
 
 
