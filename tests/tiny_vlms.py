@@ -1,7 +1,8 @@
-"""Tiny random image-text models of four families, each with a locally built tokenizer and
-processor (nothing is downloaded): Qwen2-VL (M-RoPE), LLaVA (CLIP tower, Llama backbone),
-Idefics3 (image splitting into tiles with row/column tokens) and Gemma 3 (tied head, image
-tokens attending both ways). Images of 28 to 56 pixels a side give 1 to 5 image tokens.
+"""Tiny random image-text models of five families, each with a locally built tokenizer and
+processor (nothing is downloaded): Qwen2-VL and Qwen2.5-VL (M-RoPE), LLaVA (CLIP tower, Llama
+backbone), Idefics3 (image splitting into tiles with row/column tokens) and Gemma 3 (tied
+head, image tokens attending both ways). Images of 28 to 56 pixels a side give 1 to 5 image
+tokens.
 
 The chat template is ChatML; an image part renders as the family's placeholder.
 """
@@ -28,6 +29,9 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLProcessor,
@@ -37,19 +41,22 @@ from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImagePr
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-FAMILIES = ("qwen2_vl", "llava", "idefics3", "gemma3")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "idefics3", "gemma3")
 TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, max_position_embeddings=256)
 VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
 # Every token of each family that stands for an image (placeholders, markers, tiles, rows).
+QWEN_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
 IMAGE_TOKENS = {
-    "qwen2_vl": ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"],
+    "qwen2_vl": QWEN_TOKENS,
+    "qwen2_5_vl": QWEN_TOKENS,
     "llava": ["<image>"],
     "idefics3": ["<fake_token_around_image>", "<image>", "<global-img>",
                  *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))],
     "gemma3": ["<start_of_image>", "<image_soft_token>", "<end_of_image>"],
 }
-PLACEHOLDER = {"qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>", "llava": "<image>",
+QWEN_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+PLACEHOLDER = {"qwen2_vl": QWEN_PLACEHOLDER, "qwen2_5_vl": QWEN_PLACEHOLDER, "llava": "<image>",
                "idefics3": "<image>", "gemma3": "<start_of_image>"}
 
 
@@ -77,7 +84,7 @@ def vlm_tokenizer(family: str) -> PreTrainedTokenizerFast:
                                    unk_token="<unk>", extra_special_tokens=named)
 
 
-class _Qwen2VLProcessor(Qwen2VLProcessor):
+class _NoVideo:
     """Without torchvision there is no video processor; images need none."""
 
     def check_argument_for_proper_class(self, argument_name, argument):
@@ -86,11 +93,20 @@ class _Qwen2VLProcessor(Qwen2VLProcessor):
         return super().check_argument_for_proper_class(argument_name, argument)
 
 
+class _Qwen2VLProcessor(_NoVideo, Qwen2VLProcessor):
+    pass
+
+
+class _Qwen2_5_VLProcessor(_NoVideo, Qwen2_5_VLProcessor):
+    pass
+
+
 def tiny_processor(family: str):
     tokenizer, template = vlm_tokenizer(family), chat_template(PLACEHOLDER[family])
-    if family == "qwen2_vl":
+    if family.startswith("qwen"):
         images = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56)
-        return _Qwen2VLProcessor(images, tokenizer, None, chat_template=template)
+        processor = _Qwen2VLProcessor if family == "qwen2_vl" else _Qwen2_5_VLProcessor
+        return processor(images, tokenizer, None, chat_template=template)
     if family == "llava":
         images = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
         return LlavaProcessor(images, tokenizer, patch_size=14, vision_feature_select_strategy="default",
@@ -107,14 +123,21 @@ def _config(family: str, tokenizer: PreTrainedTokenizerFast):
     ids = tokenizer.convert_tokens_to_ids
     text = dict(TEXT, vocab_size=len(tokenizer), bos_token_id=ids("<s>"), eos_token_id=ids("</s>"),
                 pad_token_id=ids("<unk>"))
-    if family == "qwen2_vl":
+    if family.startswith("qwen"):
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
-        vision = dict(depth=1, embed_dim=16, hidden_size=16, num_heads=2, mlp_ratio=2, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2)
-        return Qwen2VLForConditionalGeneration, Qwen2VLConfig(
-            text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
-            video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
-            vision_end_token_id=ids("<|vision_end|>"))
+        tokens = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                      vision_start_token_id=ids("<|vision_start|>"),
+                      vision_end_token_id=ids("<|vision_end|>"))
+        patches = dict(num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        if family == "qwen2_vl":
+            vision = dict(patches, depth=1, embed_dim=16, hidden_size=16, mlp_ratio=2)
+            return Qwen2VLForConditionalGeneration, Qwen2VLConfig(text_config=text, vision_config=vision,
+                                                                  **tokens)
+        # A windowed block (windows of one merged patch) and a full-attention one.
+        vision = dict(patches, depth=2, hidden_size=16, intermediate_size=32, out_hidden_size=16,
+                      window_size=28, fullatt_block_indexes=[1])
+        return Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                                                                    **tokens)
     if family == "llava":
         vision = dict(VISION, model_type="clip_vision_model", image_size=28, patch_size=14)
         return LlavaForConditionalGeneration, LlavaConfig(
