@@ -369,8 +369,10 @@ def _parts(dataset: Any, mode: str, model: str, config: ValuationConfig, covaria
            fields: Mapping[str, str] | None, actors: int, gpus_per_actor: float,
            model_options: Mapping[str, Any] | None) -> tuple[list[Any], int]:
     """One batch per actor, each summed by the Valuator; the parts in input order."""
-    source = dataset if isinstance(dataset, Source) else Source(dataset, "input", False)
-    source, total = with_index(source)
+    raw = dataset if isinstance(dataset, Source) else Source(dataset, "input", False)
+    source, total = with_index(raw)
+    if total < actors * BLOCK_ROWS:  # fewer blocks than actors: cut the (small) set again
+        source, total = with_index(raw, block_rows=max(1, math.ceil(total / actors)))
     job = Job(str(model), config, dict(model_options or {}), None, covariance, dict(fields or {}), mode=mode)
     rows = _map(source, job, actors=actors, gpus_per_actor=gpus_per_actor,
                 batch_size=max(1, math.ceil(total / actors))).take_all()
