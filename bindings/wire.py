@@ -7,8 +7,12 @@ imports protobuf and numpy only (no torch, no grpc): the client SDK depends on i
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
+import mimetypes
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -92,41 +96,121 @@ def sample_id(sample: Mapping[str, Any], position: int) -> str:
 
 def score_request(wire_id: str, sample: Mapping[str, Any], reference: str, priority: int,
                   token_values: bool) -> pb.ScoreRequest:
-    return pb.ScoreRequest(id=wire_id, reference=reference, json=json.dumps(sample), priority=priority,
-                           token_values=token_values)
+    return pb.ScoreRequest(id=wire_id, reference=reference, priority=priority, token_values=token_values,
+                           **_payload(sample))
 
 
 def reference_sample(name: str, sample: Mapping[str, Any], options: ReferenceOptions) -> pb.ReferenceSample:
     return pb.ReferenceSample(name=name, normalize=options.normalize, merge=options.merge,
                               precondition=options.precondition or "", damping=options.damping or 0.0,
-                              covariance=options.covariance or "", json=json.dumps(sample))
+                              covariance=options.covariance or "", **_payload(sample))
 
 
 def sample_of(message: pb.ScoreRequest | pb.ReferenceSample) -> Any:
     """The sample a message carries, as the engine takes it; the engine checks the rest."""
     kind = message.WhichOneof("sample")
+    name = f"request {getattr(message, 'id', '')!r}"
     if kind == "fields":
-        return _fields_sample(message.fields)
+        return _fields_sample(message.fields, name)
     if kind != "json":
-        raise BadSample(f"request {getattr(message, 'id', '')!r}: carries no sample")
+        raise BadSample(f"{name}: carries no sample")
     try:
-        return json.loads(message.json)
+        sample = json.loads(message.json)
     except (ValueError, RecursionError) as error:  # RecursionError: absurdly deep nesting
-        raise BadSample(f"request {getattr(message, 'id', '')!r}: the sample is not valid JSON "
-                        f"({error})") from None
-
-
-def _fields_sample(fields: pb.Sample) -> dict[str, Any]:
-    sample: dict[str, Any] = {}
-    for name in ("id", "prompt", "response", "text"):
-        if fields.HasField(name):
-            sample[name] = getattr(fields, name)
-    if fields.messages:
-        sample["messages"] = [{"role": m.role, "content": m.content} for m in fields.messages]
-    for name in ("input_ids", "loss_mask", "labels"):
-        if getattr(fields, name):
-            sample[name] = list(getattr(fields, name))
+        raise BadSample(f"{name}: the sample is not valid JSON ({error})") from None
+    for _, source in _image_sources(sample):
+        if not (isinstance(source, str) and source.startswith("data:")):
+            # The server opens no file for a client: an image arrives with the request.
+            raise BadSample(f"{name}: an image sent to the server is bytes (the fields form) or a "
+                            "base64 data URI, not a path")
     return sample
+
+
+def _fields_sample(fields: pb.Sample, name: str) -> dict[str, Any]:
+    sample: dict[str, Any] = {}
+    for key in ("id", "prompt", "response", "text"):
+        if fields.HasField(key):
+            sample[key] = getattr(fields, key)
+    if fields.messages:
+        sample["messages"] = [{"role": m.role, "content": [_part_of(p, name) for p in m.parts] if m.parts
+                               else m.content} for m in fields.messages]
+    for key in ("input_ids", "loss_mask", "labels"):
+        if getattr(fields, key):
+            sample[key] = list(getattr(fields, key))
+    return sample
+
+
+def _part_of(part: pb.ContentPart, name: str) -> dict[str, Any]:
+    if part.WhichOneof("part") == "text":
+        return {"type": "text", "text": part.text}
+    mime = part.image.mime_type
+    if mime and not mime.startswith("image/"):
+        raise BadSample(f"{name}: an image part holds {mime!r}, not an image")
+    return {"type": "image", "image": part.image.data}
+
+
+# ---------------------------------------------------------------------- images (client side)
+
+
+def _image_sources(sample: Any) -> list[tuple[dict[str, Any], Any]]:
+    """(part, source) of each image part of a chat sample."""
+    messages = sample.get("messages") if isinstance(sample, Mapping) else None
+    if not isinstance(messages, list):
+        return []
+    return [(part, part.get("image")) for message in messages if isinstance(message, Mapping)
+            and isinstance(message.get("content"), list) for part in message["content"]
+            if isinstance(part, Mapping) and part.get("type") == "image"]
+
+
+def _payload(sample: Mapping[str, Any]) -> dict[str, Any]:
+    """A sample with images travels in the fields form, each image as bytes with its MIME type
+    (a path is read here, by the client); any other sample as JSON."""
+    if not _image_sources(sample):
+        return {"json": json.dumps(sample)}
+    extra = set(sample) - {"id", "meta", "messages"}
+    if extra:
+        raise BadSample(f"sample {sample_id(sample, 0)!r}: a sample with images is chat messages "
+                        f"(with an optional id and meta), not {sorted(extra)}")
+    fields = pb.Sample(messages=[_message(m, sample) for m in sample["messages"]])
+    if "id" in sample:
+        fields.id = str(sample["id"])
+    return {"fields": fields}
+
+
+def _message(message: Mapping[str, Any], sample: Mapping[str, Any]) -> pb.ChatMessage:
+    content = message.get("content")
+    if not isinstance(content, list):
+        return pb.ChatMessage(role=message.get("role", ""), content=content)
+    parts = []
+    for part in content:
+        if not isinstance(part, Mapping) or part.get("type") not in ("text", "image"):
+            raise BadSample(f"sample {sample_id(sample, 0)!r}: a content part is "
+                            '{"type": "text", "text": ...} or {"type": "image", "image": ...}')
+        parts.append(pb.ContentPart(text=part.get("text", "")) if part["type"] == "text"
+                     else pb.ContentPart(image=_image(part.get("image"), sample)))
+    return pb.ChatMessage(role=message.get("role", ""), parts=parts)
+
+
+def _image(source: Any, sample: Mapping[str, Any]) -> pb.Image:
+    """Bytes as they are, a base64 data URI decoded, a path read (from the client's disk)."""
+    name = f"sample {sample_id(sample, 0)!r}"
+    if isinstance(source, (bytes, bytearray)):
+        return pb.Image(data=bytes(source))
+    if isinstance(source, str) and source.startswith("data:"):
+        header, _, payload = source.partition(",")
+        try:
+            return pb.Image(data=base64.b64decode(payload, validate=True),
+                            mime_type=header[len("data:"):].split(";")[0])
+        except (binascii.Error, ValueError):
+            raise BadSample(f"{name}: an image data URI is not valid base64") from None
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            with open(source, "rb") as file:
+                return pb.Image(data=file.read(), mime_type=mimetypes.guess_type(os.fspath(source))[0] or "")
+        except OSError as error:
+            raise BadSample(f"{name}: cannot read image {os.fspath(source)!r}: {error.strerror}") from None
+    raise BadSample(f"{name}: the client sends an image given as bytes, a path or a data URI, "
+                    f"not a {type(source).__name__}")
 
 
 # ---------------------------------------------------------------------- results

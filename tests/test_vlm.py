@@ -1,5 +1,6 @@
 """Image-text models: values equal autograd's <dW_a, dW_b> through each family's own forward
-with its pixel values; no image token is a label; a bad image is a per-sample error."""
+with its pixel values; no image token is a label; a bad image is a per-sample error; images
+travel over gRPC as bytes."""
 
 import base64
 import copy
@@ -8,7 +9,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_grpc import ServerThread
 
+from forvalue.bindings import Client
+from forvalue.bindings import forvalue_pb2 as pb
+from forvalue.bindings.cli import main
+from forvalue.bindings.wire import BadSample, sample_of
 from forvalue.engine import ModelError, ReferenceMismatch, SampleError, Valuator, load_model, read_jsonl
 from forvalue.engine.attention import PackingUnsupported
 from forvalue.engine.images import ImageLimits
@@ -199,3 +205,54 @@ def test_local_folder_and_processor_identity(tmp_path, llava):
     changed = Valuator(load_model(vlm.model, processor=other, dtype=torch.float64), progress=False)
     with pytest.raises(ReferenceMismatch, match="processor_hash"):
         changed.score(samples, reference)
+
+
+def test_grpc_carries_images_as_bytes(tmp_path, llava):
+    _, model = llava
+    picture = tmp_path / "cat.png"
+    picture.write_bytes(png_bytes(image(20)))
+    uri = "data:image/png;base64," + base64.b64encode(png_bytes(image(21))).decode()
+    train = [image_sample("bytes", png_bytes(image(22))), image_sample("path", str(picture)),
+             image_sample("uri", uri), {"id": "text", "prompt": "hello", "response": "good bye"}]
+    valid = [image_sample("v", png_bytes(image(23)))]
+    v = Valuator(model, progress=False)
+    expected = v.score(train, v.reference(valid))
+    server = ServerThread(None, load=False)
+    try:
+        server.call(server.server.load(model, {"valid": valid}))
+        with Client(server.address) as client:
+            results = {r.id: r for r in client.score_stream(train, reference="valid")}
+    finally:
+        server.close()
+    assert [results[s["id"]].error for s in train] == ["", "", "", ""]
+    np.testing.assert_allclose([results[s["id"]].value for s in train], expected, rtol=1e-12)
+
+    # The server opens no path for a client, and an image part must hold an image.
+    with pytest.raises(BadSample, match="not a path"):
+        sample_of(pb.ScoreRequest(id="r", json=json.dumps(image_sample("p", "cat.png"))))
+    part = pb.ContentPart(image=pb.Image(data=b"hello", mime_type="text/plain"))
+    message = pb.ChatMessage(role="user", parts=[part])
+    with pytest.raises(BadSample, match="holds 'text/plain', not an image"):
+        sample_of(pb.ScoreRequest(id="r", fields=pb.Sample(messages=[message])))
+
+
+def test_cli_scores_image_samples_with_relative_paths(tmp_path, llava, monkeypatch):
+    vlm, model = llava
+    vlm.model.save_pretrained(tmp_path / "model")
+    vlm.processor.save_pretrained(tmp_path / "model")
+    (tmp_path / "data" / "pictures").mkdir(parents=True)
+    for k in range(3):
+        image(30 + k).save(tmp_path / "data" / "pictures" / f"{k}.png")
+    train = [image_sample(f"t{k}", f"pictures/{k}.png") for k in range(2)]
+    valid = [image_sample("v", "pictures/2.png")]
+    for name, rows in (("train", train), ("valid", valid)):
+        (tmp_path / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(tmp_path)  # not the samples' folder: paths start at each file's folder
+    out = tmp_path / "out.jsonl"
+    assert main(["score", "--model", str(tmp_path / "model"), "--dtype", "float64", "--train",
+                 "data/train.jsonl", "--valid", "data/valid.jsonl", "--out", str(out)]) == 0
+    values = [json.loads(line)["value"] for line in out.read_text().splitlines()]
+    v = Valuator(model, progress=False)
+    expected = v.score(read_jsonl(tmp_path / "data" / "train.jsonl"),
+                       v.reference(read_jsonl(tmp_path / "data" / "valid.jsonl")))
+    np.testing.assert_allclose(values, expected, rtol=1e-12)
