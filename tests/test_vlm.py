@@ -256,3 +256,16 @@ def test_cli_scores_image_samples_with_relative_paths(tmp_path, llava, monkeypat
     expected = v.score(read_jsonl(tmp_path / "data" / "train.jsonl"),
                        v.reference(read_jsonl(tmp_path / "data" / "valid.jsonl")))
     np.testing.assert_allclose(values, expected, rtol=1e-12)
+
+
+def test_max_length_cuts_after_the_last_image_only(llava):
+    _, model = llava
+    sample = image_sample("a", image(40), question="the cat " * 5, answer="it is a cat")
+    (whole,) = Valuator(model, progress=False).label_states([sample])
+    ids = whole.sample.input_ids
+    last_image = max(k for k, token in enumerate(ids) if token in model.vision.image_token_ids)
+    cut = Valuator(model, max_length=len(whole.sample.input_ids) - 2, loss_on="all", progress=False)
+    (kept,) = cut.label_states([sample])
+    assert kept.sample.truncated and kept.sample.input_ids == whole.sample.input_ids[:-2]
+    with pytest.raises(SampleError, match="would cut an image"):
+        Valuator(model, max_length=last_image, progress=False).label_states([sample])
