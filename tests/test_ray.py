@@ -17,6 +17,7 @@ import torch
 from forvalue.bindings import ray_jobs
 from forvalue.bindings.cli import main
 from forvalue.engine import Covariance, Valuator, load_model
+from forvalue.engine.config import ValuationConfig
 from forvalue.engine.readers import read_samples
 
 from tiny_models import random_samples, tiny_model
@@ -129,6 +130,20 @@ def test_a_covariance_built_on_the_pool_equals_the_local_one(job, tmp_path):
                  str(job["root"] / "valid.jsonl"), "--out", str(out), "--ray", "--actors", "2"]) == 0
     built = Covariance.load(out)
     assert built.tokens == local.tokens
+    torch.testing.assert_close(built.moment_sum, local.moment_sum, rtol=1e-12, atol=1e-12)
+
+
+def test_a_preconditioned_reference_built_on_the_pool_equals_the_local_one(job):
+    samples = read_samples(job["root"] / "valid.jsonl")
+    config = ValuationConfig(precondition="input")
+    model = load_model(job["model"], dtype="float64")
+    local = Valuator(model, config=config, progress=False).reference(samples)
+    built, skipped = ray_jobs.build_reference(ray_jobs.read_dataset(job["root"] / "valid.jsonl"),
+                                              model=job["model"], config=config, actors=2,
+                                              model_options={"dtype": "float64"})
+    assert skipped == 0 and built.covariance == local.covariance == "valid"
+    assert (built.count, built.tokens) == (local.count, local.tokens)
+    torch.testing.assert_close(built.gradient_sum, local.gradient_sum, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(built.moment_sum, local.moment_sum, rtol=1e-12, atol=1e-12)
 
 
