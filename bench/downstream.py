@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +23,10 @@ import torch
 from .tasks import corrupt, qa_pair, qa_sample, with_ids
 
 # Pool, validation, held-out; fine-tuning steps of batch 4 (three passes over a 20% selection).
-DOWNSTREAM_SIZES = {"small": (20, 4, 6, 3), "full": (160, 20, 40, 24)}
+DOWNSTREAM_SIZES = {"small": (20, 4, 6, 3), "full": (120, 16, 24, 18)}
 BUDGET = 0.2
 CORRUPT_SHARE = 0.4
-SELECTORS = ("forvalue-response", "forvalue-response-precond-valid", "forvalue-response-precond-valid-cosine",
-             "lora-less", "random", "pool")
+SELECTORS = ("forvalue-response", "forvalue-response-precond-valid", "lora-less", "random", "pool")
 
 
 @dataclass(frozen=True)
@@ -113,9 +113,11 @@ def _greedy_answer(model: Any, lora: Any, sample: dict) -> str:
 
 
 def run_downstream(model: Any, size: str, seeds: list[int], lora_rank: int = 8,
-                   methods: tuple[str, ...] = SELECTORS) -> dict[str, Any]:
+                   methods: tuple[str, ...] = SELECTORS,
+                   on_seed: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Every method on every seed; per method the mean and std of each metric, and the
-    comparisons the issue of selection asks for (does it beat random, the pool, LESS)."""
+    comparisons a selection must win (does it beat random, the pool, LESS). ``on_seed``
+    gets the summary so far after each seed (so that a long run loses nothing when cut)."""
     runs: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     for seed in seeds:
         task = make_downstream(size, seed)
@@ -129,8 +131,14 @@ def run_downstream(model: Any, size: str, seeds: list[int], lora_rank: int = 8,
                                  "seconds": time.perf_counter() - start})
             print(f"  seed {seed} {method}: nll {metrics['nll']:.3f}, exact {metrics['exact_match']:.2f}, "
                   f"clean {clean:.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
-    summary = {m: _mean_std(r) for m, r in runs.items()}
-    return {"methods": summary, "runs": runs, "comparisons": _comparisons(runs)}
+        if on_seed is not None:
+            on_seed(_summary(runs))
+    return _summary(runs)
+
+
+def _summary(runs: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    return {"methods": {m: _mean_std(r) for m, r in runs.items()}, "runs": runs,
+            "comparisons": _comparisons(runs)}
 
 
 def _mean_std(runs: list[dict[str, float]]) -> dict[str, float]:

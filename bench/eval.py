@@ -372,12 +372,18 @@ def _run_downstream(model: Any, args: argparse.Namespace, out: Path) -> dict[str
     print(f"downstream ({args.size}: pool, valid, held-out, steps = {DOWNSTREAM_SIZES[args.size]}), "
           f"seeds {seeds}", flush=True)
     start, load_before = time.perf_counter(), os.getloadavg()[0]
-    result = {"task": "downstream", "model": args.model, "size": args.size, "seeds": seeds,
-              **run_downstream(model, args.size, seeds, lora_rank=args.lora_rank),
-              "seconds": time.perf_counter() - start, "device": str(model.device), "threads": _threads(),
-              "machine": machine(), "load_average": [load_before, os.getloadavg()[0]]}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    def write(found: dict[str, Any]) -> dict[str, Any]:
+        result = {"task": "downstream", "model": args.model, "size": args.size, "seeds": seeds,
+                  "seeds_done": len(next(iter(found["runs"].values()))), **found,
+                  "seconds": time.perf_counter() - start, "device": str(model.device),
+                  "threads": _threads(), "machine": machine(),
+                  "load_average": [load_before, os.getloadavg()[0]]}
+        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        return result
+
+    result = write(run_downstream(model, args.size, seeds, lora_rank=args.lora_rank, on_seed=write))
     for name, m in result["methods"].items():
         print(f"{name:34s} nll {m['nll_mean']:.3f} +- {m['nll_std']:.3f}  exact {m['exact_match_mean']:.2f}"
               f"  clean {m['clean_share_mean']:.2f}", flush=True)
