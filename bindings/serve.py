@@ -10,6 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
+import torch
+
 from forvalue.engine import load_model
 from forvalue.engine.config import COMMAND_DEFAULTS, ValuationConfig
 
@@ -72,6 +74,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="address of the metrics endpoint (default: --host)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds SIGTERM waits for accepted requests before cutting calls (default: 30)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads of the server (default: torch's default, the usable "
+                             "cores, minus one left to the event loop and gRPC; at least 1)")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -80,8 +85,11 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         config, valuation = _server_config(args), _valuation_config(args)
         references = dict(_parse_reference_spec(spec) for spec in args.reference)
+        threads = _torch_threads(args.threads)
     except USER_ERRORS as error:
         return user_error(error)
+    # Once, before any thread runs torch: a thread keeps the count it had at its first op.
+    torch.set_num_threads(threads)
     return asyncio.run(_serve(args, config, valuation, references))
 
 
@@ -102,6 +110,18 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         raise ValueError("--max-streams, --stream-window and --max-queue must be positive")
     return ServerConfig(host=args.host, port=args.port, token=read_token(args.token_file),
                         tls_cert=args.tls_cert, tls_key=args.tls_key, limits=limits)
+
+
+def _torch_threads(requested: int | None) -> int:
+    """The server's intra-op threads. One core is left to the event loop and gRPC's threads:
+    an OpenMP team's barriers wait for whichever of its threads lost its core to them (or to
+    another process). On 2 cores, one 64-token sample took p50 394 ms (p90 546) with torch's 2
+    threads against 324 ms (p90 347) with 1 (bench/results/latency.md)."""
+    if requested is None:
+        return max(1, torch.get_num_threads() - 1)
+    if requested < 1:
+        raise ValueError(f"--threads must be at least 1, got {requested}")
+    return requested
 
 
 def _valuation_config(args: argparse.Namespace) -> ValuationConfig:
@@ -136,8 +156,8 @@ async def _serve(args: argparse.Namespace, config: ServerConfig, valuation: Valu
     except USER_ERRORS as error:  # prometheus_client missing, or the port taken
         await server.drain(0)
         return user_error(error)
-    log.info("listening on %s:%d (%s); loading %s", config.host, port,
-             "TLS" if config.tls_cert else "plaintext", args.model)
+    log.info("listening on %s:%d (%s); loading %s (%d torch threads)", config.host, port,
+             "TLS" if config.tls_cert else "plaintext", args.model, torch.get_num_threads())
     status = await _load_until_stopped(server, args, references, stop)
     if status == 0:
         log.info("serving on %s:%d", config.host, port)
