@@ -156,7 +156,7 @@ async def _serve(args: argparse.Namespace, config: ServerConfig, valuation: Valu
     except USER_ERRORS as error:  # prometheus_client missing, or the port taken
         await server.drain(0)
         return user_error(error)
-    log.info("listening on %s:%d (%s); loading %s (%d torch threads)", config.host, port,
+    log.info("listening on %s:%d (%s); loading %s (torch threads: %d)", config.host, port,
              "TLS" if config.tls_cert else "plaintext", args.model, torch.get_num_threads())
     status = await _load_until_stopped(server, args, references, stop)
     if status == 0:
