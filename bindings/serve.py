@@ -85,7 +85,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         config, valuation = _server_config(args), _valuation_config(args)
         references = dict(_parse_reference_spec(spec) for spec in args.reference)
-        threads = _torch_threads(args.threads)
+        threads = torch_threads(args.threads)
     except USER_ERRORS as error:
         return user_error(error)
     # Once, before any thread runs torch: a thread keeps the count it had at its first op.
@@ -112,11 +112,12 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
                         tls_cert=args.tls_cert, tls_key=args.tls_key, limits=limits)
 
 
-def _torch_threads(requested: int | None) -> int:
-    """The server's intra-op threads. One core is left to the event loop and gRPC's threads:
-    an OpenMP team's barriers wait for whichever of its threads lost its core to them (or to
-    another process). On 2 cores, one 64-token sample took p50 394 ms (p90 546) with torch's 2
-    threads against 324 ms (p90 347) with 1 (bench/results/latency.md)."""
+def torch_threads(requested: int | None = None) -> int:
+    """The server's intra-op threads: ``requested``, or by default torch's count (the usable
+    cores) minus one, left to the event loop and gRPC's threads: an OpenMP team's barriers wait
+    for whichever of its threads lost its core to them (or to another process). On 2 shared
+    cores, one 64-token sample took p50 382 ms (p90 496) with torch's 2 threads against 298 ms
+    (p90 362) with 1 (bench/results/latency.md, "Threads")."""
     if requested is None:
         return max(1, torch.get_num_threads() - 1)
     if requested < 1:
