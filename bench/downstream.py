@@ -58,7 +58,8 @@ def select(model: Any, task: DownstreamTask, method: str, seed: int, lora_rank: 
     if method == "pool":
         return list(range(n))
     if method == "random":
-        return sorted(random.Random(seed).sample(range(n), budget))
+        # A stream of its own: Random(seed) would replay the pool's corruption draw.
+        return sorted(random.Random(f"select-{seed}").sample(range(n), budget))
     values = _values(model, task, method, lora_rank)
     return sorted(np.argsort(-values, kind="stable")[:budget].tolist())
 

@@ -27,11 +27,11 @@ import numpy as np
 from forvalue.engine.ranking import roc_auc
 
 MODEL = "smollm2-135m"
-# Chosen by measuring the AUC of this task on seeds 0-2: response + cosine 0.95-0.97, all +
-# cosine 0.85-0.94, response + none (the paper's) 0.54-0.87, all + none 0.56-0.79. Unnormalised,
-# a wrong answer's large error inflates its gradient, and with it every value it takes part in.
+# The options of forvalue select (ValuationConfig.for_command): the preconditioned value with
+# cosine normalisation on response tokens. AUC of this task on seeds 0-4: 0.93-0.97; cosine
+# alone 0.95-1.00, preconditioned alone 0.72-0.89, the paper's value 0.54-0.87
+# (bench/results/quality/demo_variants.json); across the quality tasks the combination is best.
 LOSS_ON = "response"
-NORMALIZE = "cosine"
 N_TRAIN, N_VALID, WRONG_SHARE = 60, 15, 0.2
 SHOWN = 3  # samples shown at each end of the ranking
 SHOWN_TOKENS = 3  # tokens shown per sample
@@ -126,6 +126,7 @@ def run_demo(out: str | os.PathLike[str], *, seed: int = 0, model_name: str = MO
              stream: IO[str] | None = None) -> DemoResult:
     """Load the model, value a generated task, print a report and write its files to ``out``."""
     from forvalue.engine import Valuator, load_model
+    from forvalue.engine.config import ValuationConfig
 
     stream = stream or sys.stdout
     out = Path(out)
@@ -136,7 +137,7 @@ def run_demo(out: str | os.PathLike[str], *, seed: int = 0, model_name: str = MO
     with _timed(seconds, "load"):
         model = load_model(model_name)
     task = make_task(seed)
-    valuator = Valuator(model, loss_on=LOSS_ON, normalize=NORMALIZE)
+    valuator = Valuator(model, config=ValuationConfig.for_command("demo", loss_on=LOSS_ON))
     with _timed(seconds, "reference"):
         reference = valuator.reference(task.valid)
     with _timed(seconds, "score"):
@@ -194,9 +195,16 @@ def _row(sample: dict[str, Any], value: float, token_values: Any, tokenizer: Any
     }
 
 
+def _options() -> dict[str, Any]:
+    """How the demo values: the options of forvalue select, on response tokens."""
+    from forvalue.engine.config import COMMAND_DEFAULTS
+
+    return {"loss_on": LOSS_ON, **COMMAND_DEFAULTS["demo"]}
+
+
 def _summary(model_name: str, seed: int, task: DemoTask, auc: float,
              seconds: dict[str, float]) -> dict[str, Any]:
-    return {"model": model_name, "seed": seed, "loss_on": LOSS_ON, "normalize": NORMALIZE,
+    return {"model": model_name, "seed": seed, **_options(),
             "auc": auc, "n_train": len(task.train), "n_valid": len(task.valid),
             "n_mislabelled": int(task.mislabelled.sum()),
             "seconds": {key: round(value, 2) for key, value in seconds.items()}}
@@ -282,7 +290,7 @@ def _report(stream: IO[str], model_name: str, seed: int, task: DemoTask, rows: l
     ranked = sorted(rows, key=lambda r: r["value"], reverse=True)
     lines = [
         "",
-        f"For-Value on {model_name}, loss_on={LOSS_ON}, normalize={NORMALIZE}",
+        f"For-Value on {model_name}, " + ", ".join(f"{k}={v}" for k, v in _options().items()),
         f"Task (seed {seed}): {len(task.train)} training chats 'What is the opposite of X?', "
         f"{n_wrong} of them with a wrong answer; {len(task.valid)} clean validation chats.",
         "",
@@ -295,9 +303,10 @@ def _report(stream: IO[str], model_name: str, seed: int, task: DemoTask, rows: l
         *_describe(ranked[:SHOWN]),
         "Least valuable:",
         *_describe(ranked[::-1][:SHOWN]),
-        "Token contributions sum to the value. With normalize=cosine each G(x) is divided by its",
-        "norm: a wrong answer's surprising token adds much to the norm but matches nothing in the",
-        "validation set, so the sample's other tokens end up carrying less value.",
+        "Token contributions sum to the value. The hidden states are whitened by the validation set's",
+        "covariance (precondition=input), so values follow content rather than the direction all",
+        "states share; with normalize=cosine each G(x) is divided by its norm: a wrong answer's",
+        "surprising token adds much to the norm but matches nothing in the validation set.",
         "",
         "Time: " + ", ".join(f"{key} {value:.1f} s" for key, value in seconds.items())
         + f", total {math.fsum(seconds.values()):.1f} s",

@@ -98,8 +98,15 @@ class ValuationConfig:
         return dataclasses.replace(self, **changes)
 
 
+# Where users pick data (forvalue select, forvalue demo): the forward-only variant that measured
+# best across the quality tasks (bench/results/quality.md): the preconditioned value with A from
+# the validation set, cosine-normalised. The Valuator's own default stays the paper's value.
+DATA_SELECTION = {"precondition": "input", "normalize": "cosine"}
+
 # Per-command defaults, each with its reason.
 COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "select": DATA_SELECTION,
+    "demo": DATA_SELECTION,
     # A serving step is what a newly arrived sample waits behind: a smaller token budget keeps
     # that wait short; 128 samples a step is plenty at that budget. The queue delay lets
     # closed-loop callers (next sample sent on the previous result) join the next step.

@@ -60,7 +60,8 @@ def test_shards_merge_and_select(workdir, capsys):
     selected = workdir / "selected.jsonl"
     assert main(["select", "--model", str(workdir / "model"), "--dtype", "float64", "--train",
                  str(workdir / "train.jsonl"), "--valid", str(workdir / "valid.jsonl"),
-                 "--ratio", "0.1", "--out", str(selected)]) == 0
+                 "--ratio", "0.1", "--out", str(selected),
+                 "--precondition", "none", "--normalize", "none"]) == 0  # score's options
     rows = [json.loads(x) for x in selected.read_text().splitlines()]
     whole = (workdir / "whole.jsonl").read_text().splitlines()
     values = {r["id"]: r["value"] for r in map(json.loads, whole)}
