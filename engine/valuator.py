@@ -54,6 +54,7 @@ class Valuator:
         self.config = (config or ValuationConfig()).replace(**named, **options)
         self.model = model
         self.math = LabelMath(model, self.config.backend)
+        self._last_resident: ResidentReference | None = None
         self.errors = _check_errors(errors)
         self.progress = progress
         if covariance is not None and self.config.precondition is None:
@@ -90,7 +91,7 @@ class Valuator:
         TokenValues (None for bad samples)."""
         reference.check_compatible(self.model.identity, self.normalize, self.config.precondition,
                                    self.config.damping)
-        task = ScoreTask(ResidentReference(reference, self.math))
+        task = ScoreTask(self._resident(reference))
         failures: list[SampleError] = []
         values = np.full(len(samples), np.nan)
         tokens: list[TokenValues | None] = [None] * len(samples)
@@ -100,6 +101,13 @@ class Valuator:
                 if token_values:
                     tokens[item.request.index] = TokenValues.of(item.states, item.token_scores)
         return self._result(errors, failures, values, *([tokens] if token_values else []))
+
+    def _resident(self, reference: Reference) -> ResidentReference:
+        """``Gbar`` (or ``Gbar P``) of ``reference`` on the device, kept for the next call with
+        the same reference (building it is a ``V x d`` copy, more with a preconditioner)."""
+        if self._last_resident is None or self._last_resident.reference is not reference:
+            self._last_resident = ResidentReference(reference, self.math)
+        return self._last_resident
 
     def pairwise(self, train: Sequence[dict], valid: Sequence[dict], *, route: str = "auto",
                  errors: str | None = None) -> Any:
