@@ -105,7 +105,7 @@ def run_plain_forward(model: ValuationModel, samples: list[dict]) -> float:
 
 async def run_engine(model: ValuationModel, samples: list[dict], reference: Reference,
                      budget: int) -> tuple[float, list[float]]:
-    async with AsyncEngine(model, max_batch_tokens=budget, max_waiting=len(samples)) as engine:
+    async with AsyncEngine(model, batch_tokens=budget, max_waiting=len(samples)) as engine:
         engine.put_reference("v", reference)
         start = time.perf_counter()
         results = {r.id: r.value async for r in _stream(engine, samples)}
@@ -217,7 +217,7 @@ async def measure_latency(load: Load, submit_bulk, submit_single) -> list[float]
 
 async def engine_latency(model: ValuationModel, reference: Reference, load: Load, budget: int,
                          priority: bool) -> list[float]:
-    engine = AsyncEngine(model, max_batch_tokens=budget, max_waiting=10 * BULK_OUTSTANDING,
+    engine = AsyncEngine(model, batch_tokens=budget, max_waiting=10 * BULK_OUTSTANDING,
                          policy="priority" if priority else "fcfs")
     engine.put_reference("v", reference)
     handles = []
@@ -293,7 +293,7 @@ Command: `{results['command']}` ({results['seconds']:.0f} s in all).
 Workload: {w['samples']} samples, {w['tokens']} tokens (lengths log-normal, median 128,
 clipped to 16..1024: mean {w['mean_length']:.0f}, max {w['max_length']}), two thirds of the
 positions labelled; scores against a reference of {w['reference_samples']} samples.
-Engine: `max_batch_tokens={results['budget']}` (longer samples chunked), attention
+Engine: `batch_tokens={results['budget']}` (longer samples chunked), attention
 `{results['attention']}`. For {w['tokens']} real tokens, static batches of 8 in arrival
 order compute {w['static_padded_tokens']} and length-sorted ones {w['sorted_padded_tokens']}.
 
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--samples", type=int, default=96)
-    parser.add_argument("--budget", type=int, default=512, help="engine max_batch_tokens")
+    parser.add_argument("--budget", type=int, default=512, help="engine batch_tokens")
     parser.add_argument("--latency-seconds", type=float, default=45.0)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=None,
