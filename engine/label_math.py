@@ -43,12 +43,14 @@ class LabelMath:
             return states
         return replace(states, hidden=pre.whiten(states.hidden), squared_norm=None)
 
-    def token_scores(self, states: list[LabelStates], matrix: torch.Tensor) -> list[torch.Tensor]:
+    def token_scores(self, states: list[LabelStates], matrix: torch.Tensor,
+                     head: torch.Tensor | None = None) -> list[torch.Tensor]:
         """``s_t = e_t^T M h_t`` per label token (``M``: a mean gradient, preconditioned or
-        not), float64 on the CPU, one tensor per sample."""
+        not), float64 on the CPU, one tensor per sample. ``head``: ``W``, or ``W'`` for
+        whitened states."""
         hidden, labels, sizes = stack(states)
-        scores = kernels.reference_score(hidden, self.model.head_weight, labels, matrix,
-                                         **self.kernel_kwargs())
+        head = self.model.head_weight if head is None else head
+        scores = kernels.reference_score(hidden, head, labels, matrix, **self.kernel_kwargs())
         return list(scores.double().cpu().split(sizes))
 
     def gradient_sum(self, states: list[LabelStates], weights: Sequence[float],

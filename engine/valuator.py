@@ -256,15 +256,9 @@ class Valuator:
         for j in outer_cols:
             gradient = kernels.error_outer(cols[j].hidden, head, cols[j].labels, **self.math.kernel_kwargs())
             for row_block in row_blocks:
-                raw[row_block, j] = [float(s.sum()) for s in self._outer_scores(
+                raw[row_block, j] = [float(s.sum()) for s in self.math.token_scores(
                     [rows[i] for i in row_block], gradient, head)]
         return raw
-
-    def _outer_scores(self, rows: list[LabelStates], gradient: torch.Tensor,
-                      head: torch.Tensor) -> list[torch.Tensor]:
-        hidden, labels, sizes = stack(rows)
-        scores = kernels.reference_score(hidden, head, labels, gradient, **self.math.kernel_kwargs())
-        return list(scores.double().cpu().split(sizes))
 
     def _gram_values(self, rows: list[LabelStates], cols: list[LabelStates],
                      head: torch.Tensor) -> np.ndarray:
