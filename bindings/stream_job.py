@@ -23,6 +23,7 @@ from .auth import read_token
 from .client import RETRYABLE, Client, ServerError
 from .report import user_error
 from .result_log import ResultLog, errors_path
+from .wire import resolve_image_paths
 
 SYNC_SECONDS = 0.5
 
@@ -50,7 +51,8 @@ def stream_file(server: str, reference: str, input_path: str | os.PathLike, out:
                   desc=f"stream {Path(input_path).name}", disable=not progress) as bar:
             for attempt in range(retries + 1):
                 try:
-                    _stream_once(client, reference, samples, ids, todo, log, bar, priority)
+                    _stream_once(client, reference, samples, ids, todo, log, bar, priority,
+                                 Path(input_path).parent)
                     break
                 except ServerError as error:
                     if error.code not in RETRYABLE or attempt == retries:
@@ -65,9 +67,10 @@ def stream_file(server: str, reference: str, input_path: str | os.PathLike, out:
 
 
 def _stream_once(client: Client, reference: str, samples: list[Any], ids: list[str], todo: list[int],
-                 log: ResultLog, bar: Any, priority: int) -> None:
+                 log: ResultLog, bar: Any, priority: int, image_root: Path) -> None:
     # Every sample goes out with an id, so a result maps back to its input line.
-    payload = ({**samples[i], "id": ids[i]} if isinstance(samples[i], dict) else samples[i] for i in todo)
+    payload = (resolve_image_paths({**samples[i], "id": ids[i]}, image_root) if isinstance(samples[i], dict)
+               else samples[i] for i in todo)
     for result in client.score_stream(payload, reference, priority=priority):
         index = todo[result.index]
         if result.error:

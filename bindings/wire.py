@@ -162,6 +162,26 @@ def _image_sources(sample: Any) -> list[tuple[dict[str, Any], Any]]:
             if isinstance(part, Mapping) and part.get("type") == "image"]
 
 
+def resolve_image_paths(sample: Any, root: str | os.PathLike) -> Any:
+    """The sample with each image given as a relative path made to start at ``root`` (a JSONL
+    file's folder: where the local jobs look for its images), so that the client finds it
+    whatever its working directory."""
+    if not _image_sources(sample):
+        return sample
+
+    def at_root(part: Any) -> Any:
+        source = part.get("image") if isinstance(part, Mapping) and part.get("type") == "image" else None
+        if not isinstance(source, str) or source.startswith("data:") or "://" in source \
+                or os.path.isabs(source):
+            return part
+        return {**part, "image": os.path.join(root, source)}
+
+    messages = [{**m, "content": [at_root(part) for part in m["content"]]}
+                if isinstance(m, Mapping) and isinstance(m.get("content"), list) else m
+                for m in sample["messages"]]
+    return {**sample, "messages": messages}
+
+
 def _payload(sample: Mapping[str, Any]) -> dict[str, Any]:
     """A sample with images travels in the fields form, each image as bytes with its MIME type
     (a path is read here, by the client); any other sample as JSON."""

@@ -14,7 +14,8 @@ from test_grpc import ServerThread
 from forvalue.bindings import Client
 from forvalue.bindings import forvalue_pb2 as pb
 from forvalue.bindings.cli import main
-from forvalue.bindings.wire import BadSample, sample_of
+from forvalue.bindings.stream_job import stream_file
+from forvalue.bindings.wire import BadSample, resolve_image_paths, sample_of
 from forvalue.engine import ModelError, ReferenceMismatch, SampleError, Valuator, load_model, read_jsonl
 from forvalue.engine.attention import PackingUnsupported
 from forvalue.engine.images import ImageLimits
@@ -256,6 +257,20 @@ def test_cli_scores_image_samples_with_relative_paths(tmp_path, llava, monkeypat
     expected = v.score(read_jsonl(tmp_path / "data" / "train.jsonl"),
                        v.reference(read_jsonl(tmp_path / "data" / "valid.jsonl")))
     np.testing.assert_allclose(values, expected, rtol=1e-12)
+
+    # forvalue stream: the client reads the images, from the same folder.
+    server = ServerThread(None, load=False)
+    try:
+        # The server is given no folder: its reference samples name their images in full.
+        in_full = [resolve_image_paths(s, tmp_path / "data") for s in valid]
+        server.call(server.server.load(model, {"valid": in_full}))
+        summary = stream_file(server.address, "valid", "data/train.jsonl", tmp_path / "streamed.jsonl",
+                              progress=False)
+    finally:
+        server.close()
+    assert summary["errors"] == 0
+    streamed = [json.loads(line)["value"] for line in (tmp_path / "streamed.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(streamed, expected, rtol=1e-12)
 
 
 def test_max_length_cuts_after_the_last_image_only(llava):
