@@ -26,13 +26,16 @@ from forvalue.engine import ValuationModel, Valuator
 from forvalue.engine.outputs import LabelStates
 from forvalue.engine.runner import right_padded
 from forvalue.engine.samples import EncodedSample, encode_sample
+from forvalue.engine.vision import ImageSamples
 from forvalue.engine.warmup import LORA_TARGETS, label_nll, lora_copy, train_lora
 
 
 def encode(model: ValuationModel, samples: Sequence[dict], loss_on: str) -> list[EncodedSample]:
-    """Token ids and label masks exactly as the Valuator builds them."""
+    """Token ids, label masks and (image-text models) image inputs exactly as the Valuator
+    builds them."""
+    images = None if model.vision is None else ImageSamples(model.vision, None)
     return [encode_sample(s, model.tokenizer, where=f"index {i}", index=i, loss_on=loss_on,
-                          context_length=model.context_length) for i, s in enumerate(samples)]
+                          context_length=model.context_length, images=images) for i, s in enumerate(samples)]
 
 
 def log_probs(model: ValuationModel, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -131,6 +134,9 @@ def lora_gradients(model: ValuationModel, train: Sequence[dict], valid: Sequence
     lora = lora_copy(model, rank=rank, alpha=alpha, seed=seed, target_modules=target_modules)
     backbone, params = lora.backbone, lora.params
     train_encoded, valid_encoded = encode(model, train, loss_on), encode(model, valid, loss_on)
+    if any(s.images is not None for s in [*train_encoded, *valid_encoded]):
+        raise ValueError("the LoRA baselines run the language model on token ids alone: "
+                         "samples with images are not supported")
 
     start = time.perf_counter()
     optimizer, _ = train_lora(model, lora, train_encoded, lr=lr, batch_size=batch_size, seed=seed)
@@ -215,13 +221,15 @@ def datainf_values(train_blocks: Sequence[torch.Tensor], valid_blocks: Sequence[
 
 @torch.inference_mode()
 def mean_hidden_states(model: ValuationModel, samples: Sequence[dict], batch_size: int = 16) -> torch.Tensor:
-    """Each sample's final hidden states averaged over all its tokens, ``(n, d)`` float64."""
+    """Each sample's final hidden states averaged over all its tokens (image tokens
+    included), ``(n, d)`` float64."""
     encoded = encode(model, samples, "all")
+    step = batch_size if model.vision is None else 1  # image inputs are a batch of one
     out = torch.empty((len(encoded), model.hidden_size), dtype=torch.float64)
-    for first in range(0, len(encoded), batch_size):
-        batch = encoded[first:first + batch_size]
+    for first in range(0, len(encoded), step):
+        batch = encoded[first:first + step]
         ids, mask = right_padded([s.input_ids for s in batch])
-        hidden = model.hidden_states(ids, mask).double().cpu()
+        hidden = model.hidden_states(ids, mask, batch[0].images if step == 1 else None).double().cpu()
         weights = mask[:, :, None].double()
         out[first:first + len(batch)] = (hidden * weights).sum(1) / weights.sum(1)
     return out

@@ -25,6 +25,7 @@ from . import baselines, metrics
 from .methods import LOSS_ON, METHOD_NAMES, Context, Method, methods_for
 from .tasks import SIZES, TASKS, Task, make_task
 from .throughput import machine
+from .vlm_task import VLM_TASK, make_vlm_task
 
 __all__ = ["METHOD_NAMES", "add_eval_arguments", "evaluate", "run_eval"]
 
@@ -299,17 +300,21 @@ def write_outputs(out: Path, result: dict[str, Any], values: dict[str, np.ndarra
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``forvalue eval``."""
-    parser.add_argument("--task", required=True, choices=[*TASKS, "all", "downstream"],
-                        help="the task to run; 'all' runs each into OUT/TASK/; 'downstream' selects "
-                             "from a noisy pool with several methods, fine-tunes on each selection "
-                             "and tests on held-out questions (--seeds seeds)")
+    parser.add_argument("--task", required=True, choices=[*TASKS, "all", "downstream", VLM_TASK],
+                        help="the task to run; 'all' runs each text task into OUT/TASK/; 'downstream' "
+                             "selects from a noisy pool with several methods, fine-tunes on each "
+                             "selection and tests on held-out questions (--seeds seeds); "
+                             f"'{VLM_TASK}' the image mislabel task (bench/vlm_task.py) on an "
+                             "image-text model")
     parser.add_argument("--per-class", choices=("all", "free"), default="all",
                         help="mislabel tasks: the per-class AUC for every method (all: reference-route "
                              "methods also run pairwise, untimed) or only where it comes free")
     parser.add_argument("--seeds", type=int, default=3, help="downstream: seeds from --seed on (default: 3)")
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated methods (default: all that apply): {', '.join(METHOD_NAMES)}")
-    parser.add_argument("--model", default="smollm2-135m", help="embedded name or local model folder")
+    parser.add_argument("--model", default=None,
+                        help="embedded name or local model folder (default: smollm2-135m; for "
+                             f"{VLM_TASK}, the small VLM of bench/vlm_model.py, built once)")
     parser.add_argument("--size", default="small", choices=SIZES)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task generator")
@@ -333,6 +338,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from forvalue.engine import load_model
 
     names = [n.strip() for n in args.methods.split(",") if n.strip()] if args.methods else None
+    args.model = args.model or _default_model(args.task)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     out = Path(args.out)
     if args.task == "downstream":
@@ -343,10 +349,19 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": args.model, "tasks": tasks}
 
 
+def _default_model(task: str) -> str:
+    if task != VLM_TASK:
+        return "smollm2-135m"
+    from .vlm_model import build_vlm
+
+    return str(build_vlm())
+
+
 def _run_task(model: Any, args: argparse.Namespace, name: str, names: list[str] | None,
               out: Path) -> dict[str, Any]:
-    task = make_task(name, args.size, args.seed)
-    methods = methods_for(task, names)
+    images = name == VLM_TASK
+    task = make_vlm_task(args.size, args.seed) if images else make_task(name, args.size, args.seed)
+    methods = methods_for(task, names, images=images)
     print(f"{name} ({args.size}): {len(task.train)} train, {len(task.valid)} valid, "
           f"{len(methods)} methods", flush=True)
     load_before = os.getloadavg()[0]

@@ -99,6 +99,13 @@ class Method:
     # Untimed pairwise values of a method that runs the reference route, for metrics that need
     # one value per validation sample (the paper's per-class mislabel AUC).
     pairwise: Callable[[Context], np.ndarray] | None = None
+    text_only: bool = False  # reads the samples' text only
+
+    @property
+    def takes_images(self) -> bool:
+        """Whether the method sees the images of image-text samples: the LoRA warm-up and
+        gradients run the language model on the token ids alone."""
+        return not (self.text_only or self.uses_lora or self.uses_warm)
 
 
 # ----------------------------------------------------------------- the methods
@@ -183,18 +190,28 @@ METHODS: tuple[Method, ...] = (
     Method("lora-less", _lora(baselines.less_values), "gradient", uses_lora=True),
     Method("datainf", _lora(_datainf), "gradient", uses_lora=True),
     Method("repr-cosine", _representation, "similarity"),
-    Method("tfidf-cosine", _tfidf, "similarity"),
+    Method("tfidf-cosine", _tfidf, "similarity", text_only=True),
 )
 METHOD_NAMES = tuple(m.name for m in METHODS)
+# What an image task runs by default: the paper's value, the preconditioned variants
+# `forvalue select` uses, and the baselines that take images.
+IMAGE_TASK_METHODS = ("forvalue-response", "forvalue-response-precond-valid",
+                      "forvalue-response-precond-valid-cosine", "autograd-lastlayer", "repr-cosine")
 
 
-def methods_for(task: Task, names: list[str] | None) -> list[Method]:
-    """The methods to run on ``task`` (all that apply when ``names`` is None)."""
+def methods_for(task: Task, names: list[str] | None, *, images: bool = False) -> list[Method]:
+    """The methods to run on ``task`` (all that apply when ``names`` is None; on a task
+    whose samples hold images, ``IMAGE_TASK_METHODS``)."""
     if names:
         unknown = sorted(set(names) - set(METHOD_NAMES))
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHOD_NAMES)}")
+    names = names or (list(IMAGE_TASK_METHODS) if images else None)
     chosen = [m for m in METHODS if names is None or m.name in names]
+    text_only = [m.name for m in chosen if images and not m.takes_images]
+    if text_only:
+        raise ValueError(f"{text_only} cannot value samples with images (they read the text only); "
+                         f"choose from {[m.name for m in METHODS if m.takes_images]}")
     chosen = [m for m in chosen if task.kind != "identification" or not m.reference_only]
     if any(m.uses_lora or m.uses_warm for m in chosen):
         _require_peft()
