@@ -151,6 +151,7 @@ def _run_round(ctx: Context, methods: list[Method]) -> tuple[dict[str, dict], di
             _lora_gradients(ctx)
         if method.uses_warm:
             ctx.warm_model()  # once per run, reported as the warm-up of every -warm method
+        ctx.reference_seconds = None
         with measure() as cost:
             raw = np.asarray(method.run(ctx), dtype=np.float64)
         values[method.name] = ctx.reduce(raw)
@@ -159,7 +160,7 @@ def _run_round(ctx: Context, methods: list[Method]) -> tuple[dict[str, dict], di
     return results, values
 
 
-_TIMES = ("seconds", "cpu_seconds", "own_seconds", "warmup_seconds", "gradient_seconds")
+_TIMES = ("seconds", "cpu_seconds", "own_seconds", "warmup_seconds", "gradient_seconds", "reference_seconds")
 _MEMORY = ("peak_mb", "extra_mb", "gpu_peak_mb")
 
 
@@ -218,6 +219,8 @@ def _entry(ctx: Context, method: Method, raw: np.ndarray, pairwise: np.ndarray |
                  extra_mb=cost.extra_mb, gpu_peak_mb=cost.gpu_peak_mb, group=method.group,
                  loss_on=method.loss_on or ctx.loss_on,
                  values="pairwise" if raw.ndim == 2 else "reference")
+    if ctx.reference_seconds is not None:  # of the seconds: building the validation reference
+        entry.update(reference_seconds=ctx.reference_seconds)
     if method.uses_warm:
         entry.update(warmup_seconds=ctx.warm_seconds)
     if method.uses_lora:

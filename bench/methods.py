@@ -47,6 +47,7 @@ class Context:
     lora_cost: dict[str, float] = field(default_factory=dict)
     warm: Any = None
     warm_seconds: float = 0.0
+    reference_seconds: float | None = None  # the last method's reference build, if it built one
 
     @property
     def by_reference(self) -> bool:
@@ -116,7 +117,10 @@ def _forvalue(loss_on: str, route: str, normalize: str = "none", precondition: s
     def run(ctx: Context) -> np.ndarray:
         valuator = ctx.valuator(loss_on, normalize, precondition, source, warm)
         if route == "reference" and ctx.by_reference:
-            return valuator.score(ctx.task.train, valuator.reference(ctx.task.valid))
+            start = time.perf_counter()
+            reference = valuator.reference(ctx.task.valid)
+            ctx.reference_seconds = time.perf_counter() - start
+            return valuator.score(ctx.task.train, reference)
         return valuator.pairwise(ctx.task.train, ctx.task.valid)
 
     return run

@@ -41,6 +41,9 @@ def test_mislabeled_every_method_writes_results_and_plots(model_dir, tmp_path):
     assert autograd["max_rel_diff_vs_forvalue"] < 1e-4
     assert written["methods"]["datainf"]["warmup_seconds"] > 0
     assert written["methods"]["forvalue-response-precond-valid-cosine-warm"]["warmup_seconds"] > 0
+    reference = written["methods"]["forvalue-response"]
+    assert 0 < reference["reference_seconds"] < reference["seconds"]
+    assert "reference_seconds" not in written["methods"]["forvalue-pairwise-response"]
     for name in ("lora-less", "forvalue-response", "forvalue-all-precond-train"):
         assert 0 <= written["methods"][name]["per_class_auc_mean"] <= 1, name
     for png in ("roc.png", "distributions.png", "time_auc.png"):
