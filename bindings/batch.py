@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from forvalue.engine import Reference, SampleError, ValuationModel, Valuator
+from forvalue.engine.ranking import round_robin
 from forvalue.engine.readers import read_samples
 from forvalue.engine.samples import SampleList, sample_id_of
 
@@ -181,24 +182,45 @@ def _write_topk(path: Path, matrix: np.ndarray, train_ids: list[str], valid: Seq
     write_jsonl_atomic(path, lines)
 
 
-def select_top(train: Sequence[dict], records: list[dict[str, Any]], ratio: float,
-               out: Path) -> dict[str, Any]:
-    """Write the top ``ceil(ratio n)`` training samples by value to ``out``, as given."""
+STRATEGIES = ("top", "round-robin")
+
+
+def select_top(train: Sequence[dict], records: list[dict[str, Any]], ratio: float, out: Path,
+               strategy: str = "top") -> dict[str, Any]:
+    """Write ``ceil(ratio n)`` training samples to ``out``, as given, in input order: those
+    of highest value (``top``; records of the reference mode), or those the validation
+    samples take in turn (``round-robin``, engine/ranking.py; records of the pairwise mode)."""
     if not 0 < ratio <= 1:
         raise ValueError(f"--ratio must lie in (0, 1], got {ratio}")
-    valued = [r for r in records if math.isfinite(r["value"])]
+    if strategy not in STRATEGIES:
+        raise ValueError(f"--strategy must be one of {STRATEGIES}, got {strategy!r}")
+    valued = [r for r in records if math.isfinite(_mean_value(r))]
     keep = math.ceil(ratio * len(valued))
-    chosen = sorted(valued, key=lambda r: -r["value"])[:keep]
+    if strategy == "top":
+        chosen = sorted(valued, key=lambda r: -r["value"])[:keep]
+    else:
+        matrix = np.array([r["values"] for r in valued], dtype=np.float64).reshape(len(valued), -1)
+        chosen = [valued[i] for i in round_robin(matrix, keep)]
     write_jsonl_atomic(out, [train[r["index"]] for r in sorted(chosen, key=lambda r: r["index"])])
-    summary: dict[str, Any] = {"valued": len(valued), "selected": keep, "out": str(out)}
+    summary: dict[str, Any] = {"strategy": strategy, "valued": len(valued), "selected": keep, "out": str(out)}
     if chosen:
-        summary["threshold"] = chosen[-1]["value"]
-        summary["mean_selected"] = float(np.mean([r["value"] for r in chosen]))
-        summary["mean_all"] = float(np.mean([r["value"] for r in valued]))
+        if strategy == "top":
+            summary["threshold"] = chosen[-1]["value"]
+        summary["mean_selected"] = float(np.mean([_mean_value(r) for r in chosen]))
+        summary["mean_all"] = float(np.mean([_mean_value(r) for r in valued]))
     clean = [_clean_label(train[r["index"]]) for r in chosen]
     if chosen and all(c is not None for c in clean):
         summary["selected_clean_ratio"] = float(np.mean(clean))
     return summary
+
+
+def _mean_value(record: dict[str, Any]) -> float:
+    """A record's value against the validation set (pairwise: its mean over the validation
+    samples that have values)."""
+    if "value" in record:
+        return record["value"]
+    finite = [v for v in record["values"] if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
 
 
 def _clean_label(sample: Any) -> int | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from forvalue.engine import Valuator, load_model
 from forvalue.engine.readers import read_samples
 
-from .batch import memory_estimate, run_score, select_top
+from .batch import STRATEGIES, memory_estimate, run_score, select_top
 from .options import (
     add_covariance_argument,
     add_model_arguments,
@@ -63,6 +63,11 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--valid", required=True,
                         help="validation samples, or a saved Reference (.safetensors)")
     parser.add_argument("--ratio", type=float, required=True, help="share of samples to keep, in (0, 1]")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="top",
+                        help="top: the highest values against the validation set; round-robin: "
+                             "each validation sample in turn takes its most valuable remaining "
+                             "training sample, so that every kind of validation sample is served "
+                             "(pairwise values: --valid must be samples, not a saved Reference)")
     parser.add_argument("--out", type=Path, required=True, help="JSONL of the selected samples")
 
 
@@ -70,20 +75,26 @@ def run_select(args: argparse.Namespace) -> int:
     """``forvalue select``; returns the exit status."""
     if not 0 < args.ratio <= 1:
         raise ValueError(f"--ratio must lie in (0, 1], got {args.ratio}")
-    files = JobFiles(args.out.with_name(args.out.stem + ".values.jsonl"))
+    mode = "reference" if args.strategy == "top" else "pairwise"
+    # Apart from the top strategy's values: a run resumes only from values of its own kind.
+    suffix = ".values.jsonl" if mode == "reference" else ".pairwise.values.jsonl"
+    files = JobFiles(args.out.with_name(args.out.stem + suffix))
     if args.ray:
         if args.out_format != "jsonl":
             raise ValueError("select writes the chosen samples as JSONL: drop --out-format")
-        if run_ray_job(args, "select", "reference", files.out, _fields(args)) is None:
+        if mode == "pairwise":
+            raise ValueError("--strategy round-robin runs without --ray (the Ray job values against "
+                             "the validation set as a whole)")
+        if run_ray_job(args, "select", mode, files.out, _fields(args)) is None:
             return 1
         train = read_samples(args.train, fields=_fields(args), split=args.split)
     else:
-        valuator, train = _open_job(args, "select", "reference")
-        run_score(valuator, train, args.valid, files, mode="reference", shard=Shard(0, 1),
+        valuator, train = _open_job(args, "select", mode)
+        run_score(valuator, train, args.valid, files, mode=mode, shard=Shard(0, 1),
                   checkpoint=args.checkpoint, top_k=None, valid_fields=_fields(args))
     records = read_complete_lines(files.out)
-    print_summary({**select_top(train, records, args.ratio, args.out), "values": str(files.out),
-                   "errors_file": str(files.errors)})
+    print_summary({**select_top(train, records, args.ratio, args.out, args.strategy),
+                   "values": str(files.out), "errors_file": str(files.errors)})
     return 0
 
 

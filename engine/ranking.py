@@ -1,4 +1,5 @@
-"""How well values rank a set of samples: the one ROC AUC of the demo and the benchmarks.
+"""How well values rank a set of samples (the one ROC AUC of the demo and the benchmarks), and
+how a selection is drawn from per-target values.
 
 numpy only (no torch), so that light callers can rank without loading the engine's models.
 """
@@ -39,3 +40,35 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
     ranks = np.empty(len(values))
     ranks[order] = np.repeat(first + (counts + 1) / 2, counts)
     return ranks
+
+
+def round_robin(values: np.ndarray, count: int) -> list[int]:
+    """``count`` rows of ``values`` (training samples x validation samples), taken by the
+    columns in turn: each validation sample takes its most valuable training sample not yet
+    taken. Unlike the top rows by mean value, which can all serve the few validation samples
+    whose errors align most (one kind of question), every validation sample is served.
+    Rows with a NaN are never taken; a NaN column (a failed validation sample) takes none.
+    Returns the row indices in the order taken."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"values must be (training, validation), got shape {values.shape}")
+    columns = np.flatnonzero(~np.isnan(values).all(axis=0))
+    usable_rows = ~np.isnan(values[:, columns]).any(axis=1)
+    if not 0 <= count <= int(usable_rows.sum()):
+        raise ValueError(f"cannot take {count} of {int(usable_rows.sum())} valued training samples")
+    if count and not len(columns):
+        raise ValueError("no validation sample has values")
+    # Each column's rows, best first (ties: the earlier row), unusable rows dropped.
+    ranked = [[int(i) for i in np.argsort(-values[:, j], kind="stable") if usable_rows[i]] for j in columns]
+    taken: list[int] = []
+    seen: set[int] = set()
+    cursors = [0] * len(columns)
+    while len(taken) < count:
+        for k, rows in enumerate(ranked):
+            while rows[cursors[k]] in seen:
+                cursors[k] += 1
+            taken.append(rows[cursors[k]])
+            seen.add(rows[cursors[k]])
+            if len(taken) == count:
+                break
+    return taken

@@ -7,9 +7,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from forvalue.bindings.cli import main
+from forvalue.engine.ranking import round_robin
 
 from jsonl_records import assert_same_records
 from tiny_models import random_samples, tiny_model
@@ -68,9 +70,27 @@ def test_shards_merge_and_select(workdir, capsys):
     assert len(rows) == 30
     assert min(values[r["id"]] for r in rows) >= sorted(values.values())[-30]
 
+    # Round robin: each of the 4 validation samples takes its best remaining sample in turn.
+    assert main(score_args(workdir, workdir / "pairs.jsonl", "--mode", "pairwise")) == 0
+    pairs = [json.loads(x) for x in (workdir / "pairs.jsonl").read_text().splitlines()]
+    expected = sorted(round_robin(np.array([r["values"] for r in pairs]), 30))
+    assert main(["select", "--model", str(workdir / "model"), "--dtype", "float64", "--train",
+                 str(workdir / "train.jsonl"), "--valid", str(workdir / "valid.jsonl"), "--ratio", "0.1",
+                 "--out", str(workdir / "spread.jsonl"), "--strategy", "round-robin",
+                 "--precondition", "none", "--normalize", "none"]) == 0
+    spread = [json.loads(x)["id"] for x in (workdir / "spread.jsonl").read_text().splitlines()]
+    assert spread == [pairs[i]["id"] for i in expected]
+    assert set(spread) != {r["id"] for r in rows}  # not the same as the top by mean value
+
 
 def test_user_mistakes_are_one_line(workdir, capsys):
     assert main(score_args(workdir, workdir / "x.jsonl", "--shard", "5/2")) == 2
     assert "forvalue: error: --shard 5/2" in capsys.readouterr().err
     assert main(score_args(workdir, workdir / "y.jsonl", "--mode", "reference", "--top-k", "3")) == 2
     assert "--top-k needs --mode pairwise" in capsys.readouterr().err
+    select = ["select", "--model", str(workdir / "model"), "--train", str(workdir / "train.jsonl"),
+              "--ratio", "0.1", "--out", str(workdir / "z.jsonl"), "--strategy", "round-robin"]
+    assert main([*select, "--valid", str(workdir / "valid.jsonl"), "--ray"]) == 2
+    assert "--strategy round-robin runs without --ray" in capsys.readouterr().err
+    assert main([*select, "--valid", str(workdir / "ref.safetensors")]) == 2
+    assert "a saved Reference only serves --mode reference" in capsys.readouterr().err

@@ -1,11 +1,12 @@
-"""The one ROC AUC (engine/ranking.py) against a brute-force count of pairs, and its refusals."""
+"""The one ROC AUC (engine/ranking.py) against a brute-force count of pairs, and its refusals;
+round-robin selection against a plain loop."""
 
 import math
 
 import numpy as np
 import pytest
 
-from forvalue.engine.ranking import roc_auc
+from forvalue.engine.ranking import roc_auc, round_robin
 
 
 def pair_count(scores, positives):
@@ -53,3 +54,44 @@ def test_random_scores_with_many_ties_match_the_pair_count():
 def test_undefined_aucs_are_refused(scores, positives, message):
     with pytest.raises(ValueError, match=message):
         roc_auc(scores, positives)
+
+
+def _round_robin_reference(values: np.ndarray, count: int) -> list[int]:
+    """Columns in turn, each taking its largest remaining row (the first on ties)."""
+    columns = [j for j in range(values.shape[1]) if not np.isnan(values[:, j]).all()]
+    remaining = [i for i in range(values.shape[0]) if not np.isnan(values[i, columns]).any()]
+    taken = []
+    while len(taken) < count:
+        for j in columns:
+            if len(taken) == count:
+                break
+            best = max(remaining, key=lambda i: (values[i, j], -i))
+            taken.append(best)
+            remaining.remove(best)
+    return taken
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_round_robin_equals_a_plain_loop(seed):
+    rng = np.random.default_rng(seed)
+    rows, cols = rng.integers(1, 30), rng.integers(1, 6)
+    values = rng.integers(-3, 4, (rows, cols)).astype(float)  # many ties
+    if rows > 2:
+        values[rng.integers(rows)] = np.nan  # a failed training sample
+        values[rng.integers(rows), rng.integers(cols)] = np.nan
+    if cols > 1:
+        values[:, rng.integers(cols)] = np.nan  # a failed validation sample
+    usable = int((~np.isnan(values[:, ~np.isnan(values).all(axis=0)]).any(axis=1)).sum())
+    for count in {0, 1, usable // 2, usable}:
+        assert round_robin(values, count) == _round_robin_reference(values, count)
+
+
+def test_round_robin_serves_every_validation_sample():
+    # Rows 0-3 are best for column 0 and good for column 1; top by mean takes only them.
+    values = np.array([[9, 5], [8, 5], [7, 5], [6, 5], [0, 6], [0, 4]], dtype=float)
+    assert sorted(np.argsort(-values.mean(axis=1), kind="stable")[:2]) == [0, 1]
+    assert round_robin(values, 2) == [0, 4]
+    with pytest.raises(ValueError, match="cannot take 7 of 6"):
+        round_robin(values, 7)
+    with pytest.raises(ValueError, match="no validation sample has values"):
+        round_robin(np.full((3, 2), np.nan), 1)
