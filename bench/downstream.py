@@ -2,8 +2,9 @@
 
 Per seed: a noisy pool of question/answer samples (40% of answers corrupted, as in the
 selection task), a clean validation set, and clean held-out questions. Each method selects the
-same budget (20% of the pool) by its values; ``random`` selects at random and ``pool`` takes
-the whole pool. A LoRA fine-tune of the model then runs the same number of steps on each
+same budget (20% of the pool) by its values (the top ones; ``...-round-robin``: the
+validation samples take their most valuable one in turn); ``random`` selects at random and
+``pool`` takes the whole pool. A LoRA fine-tune of the model then runs the same number of steps on each
 selection, and is scored on the held-out questions: the mean negative log-likelihood of the
 clean answers (primary) and the exact-match rate of greedy answers. A method "beats" another
 when the mean difference over seeds exceeds twice the larger standard deviation.
@@ -26,7 +27,9 @@ from .tasks import corrupt, qa_pair, qa_sample, with_ids
 DOWNSTREAM_SIZES = {"small": (20, 4, 6, 3), "full": (120, 16, 24, 18)}
 BUDGET = 0.2
 CORRUPT_SHARE = 0.4
-SELECTORS = ("forvalue-response", "forvalue-response-precond-valid", "lora-less", "random", "pool")
+SELECTORS = ("forvalue-response", "forvalue-response-precond-valid-cosine",
+             "forvalue-response-precond-valid-cosine-round-robin", "lora-less", "random", "pool")
+ROUND_ROBIN = "-round-robin"  # the validation samples take their best in turn (engine/ranking.py)
 
 
 @dataclass(frozen=True)
@@ -60,11 +63,19 @@ def select(model: Any, task: DownstreamTask, method: str, seed: int, lora_rank: 
     if method == "random":
         # A stream of its own: Random(seed) would replay the pool's corruption draw.
         return sorted(random.Random(f"select-{seed}").sample(range(n), budget))
+    if method.endswith(ROUND_ROBIN):
+        from forvalue.engine.ranking import round_robin
+
+        return sorted(round_robin(_values(model, task, method.removesuffix(ROUND_ROBIN), lora_rank,
+                                          pairwise=True), budget))
     values = _values(model, task, method, lora_rank)
     return sorted(np.argsort(-values, kind="stable")[:budget].tolist())
 
 
-def _values(model: Any, task: DownstreamTask, method: str, lora_rank: int) -> np.ndarray:
+def _values(model: Any, task: DownstreamTask, method: str, lora_rank: int,
+            pairwise: bool = False) -> np.ndarray:
+    """Per pool sample, its value against the validation set (``pairwise``, For-Value only:
+    against each validation sample)."""
     from forvalue.engine import Valuator
 
     from . import baselines
@@ -75,6 +86,8 @@ def _values(model: Any, task: DownstreamTask, method: str, lora_rank: int) -> np
     options = {"precondition": "input"} if "-precond-valid" in method else {}
     normalize = "cosine" if method.endswith("-cosine") else "none"
     valuator = Valuator(model, loss_on="response", normalize=normalize, progress=False, **options)
+    if pairwise:
+        return valuator.pairwise(task.pool, task.valid)
     return valuator.score(task.pool, valuator.reference(task.valid))
 
 
