@@ -6,7 +6,7 @@ import torch
 
 from forvalue.engine import Reference, ReferenceMismatch, SampleError, Valuator, load_model
 
-from tiny_models import autograd_gradient, random_samples, tiny_model
+from tiny_models import autograd_gradient, frob, random_samples, tiny_model
 
 KINDS = ["tied", "untied", "bias", "softcap", "scale"]
 
@@ -19,10 +19,6 @@ def gradients(model, samples):
         mask[0] = False
         out.append(autograd_gradient(hf, s["input_ids"], mask))
     return out
-
-
-def frob(a, b):
-    return float((a * b).sum())
 
 
 @pytest.fixture(scope="module", params=KINDS)

@@ -20,7 +20,7 @@ from forvalue.engine import ModelError, ReferenceMismatch, SampleError, Valuator
 from forvalue.engine.attention import PackingUnsupported
 from forvalue.engine.images import ImageLimits
 
-from tiny_models import autograd_gradient, tiny_model
+from tiny_models import autograd_gradient, frob, tiny_model
 from tiny_vlms import FAMILIES, PLACEHOLDER, image, image_sample, png_bytes, tiny_processor, tiny_vlm
 
 
@@ -49,10 +49,6 @@ def gradients(vlm, model, samples):
         inputs = model.image_inputs(sample.images)
         out.append(autograd_gradient(vlm.model, list(sample.input_ids), list(sample.label_mask), inputs))
     return out
-
-
-def frob(a, b):
-    return float((a * b).sum())
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

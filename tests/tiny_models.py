@@ -56,6 +56,11 @@ def autograd_gradient(model: torch.nn.Module, input_ids: list[int], label_mask: 
     return gradient
 
 
+def frob(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The Frobenius inner product <a, b>: what a value is of two head gradients."""
+    return float((a * b).sum())
+
+
 def random_samples(n: int, seed: int, min_len: int = 2, max_len: int = 20) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     samples = []
