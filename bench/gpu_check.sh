@@ -3,8 +3,12 @@
 # or, with --e2e, run the whole engine at real model shapes (bench/gpu_e2e.py).
 #
 #   bench/gpu_check.sh DIR                  CUDA machine with torch and triton: ~4 minutes
-#   bench/gpu_check.sh DIR --e2e            CUDA, also transformers: under 5 minutes
-#   bench/gpu_check.sh DIR [--e2e] --dry-run  CPU, tiny shapes (kernels in the Triton
+#   bench/gpu_check.sh DIR --e2e            CUDA, also transformers: the engine's CUDA tests and
+#                                           the compiled kernels' tests, then the end-to-end run:
+#                                           under 7 minutes
+#   bench/gpu_check.sh DIR --profile        CUDA: the engine's CUDA tests, then where its time
+#                                           goes (bench/gpu_profile.py): ~3 minutes
+#   bench/gpu_check.sh DIR [--e2e|--profile] --dry-run  CPU, tiny shapes (kernels in the Triton
 #                                           interpreter): under a minute (CI); never into
 #                                           bench/results/, since its numbers are no results
 #
@@ -16,17 +20,18 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 DIR [--e2e] [--dry-run]" >&2
+    echo "usage: $0 DIR [--e2e | --profile] [--dry-run]" >&2
     exit 2
 }
 [[ $# -ge 1 ]] || usage
 dir=$1
 shift
-dry_run= e2e=
+dry_run= e2e= profile=
 for flag in "$@"; do
     case $flag in
         --dry-run) dry_run=--dry-run ;;
         --e2e) e2e=1 ;;
+        --profile) profile=1 ;;
         *) usage ;;
     esac
 done
@@ -63,9 +68,32 @@ fi
 "$python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
 'cuda', torch.cuda.is_available())" | tee -a "$out/device.txt"
 
-if [[ -n $e2e ]]; then
-    echo "== end to end: the engine against Hugging Face forwards"
-    "$python" -m forvalue.bench.gpu_e2e --out "$out" ${dry_run:+--dry-run}
+xdist=()
+if [[ -z $dry_run ]] && "$python" -c "import xdist" 2>/dev/null; then
+    xdist=(-n 8)  # kernel compilation dominates the tests: spread it over workers
+fi
+
+# The engine's CUDA tests: packed attention against per-sample forwards, the async engine
+# against the float64 Valuator. A failure is recorded and the benchmark still runs, so that one
+# call brings back both.
+engine_tests=(tests/test_runner.py tests/test_async_engine.py -m gpu)
+
+if [[ -n $e2e || -n $profile ]]; then
+    if [[ -z $dry_run ]]; then
+        echo "== correctness: the engine's CUDA paths${e2e:+ and the compiled kernels}"
+        # The e2e numbers also rest on the compiled kernels; the profile only explains them.
+        tests=("${engine_tests[@]}")
+        [[ -n $e2e ]] && tests=(tests/test_kernels_triton.py tests/test_runner.py tests/test_async_engine.py
+                                -m "gpu or not gpu" -k "cuda or gpu or not (test_runner or test_async_engine)")
+        "$python" -m pytest -q -p no:cacheprovider "${xdist[@]}" "${tests[@]}" 2>&1 | tee "$out/pytest.log" || true
+    fi
+    if [[ -n $e2e ]]; then
+        echo "== end to end: the engine against Hugging Face forwards"
+        "$python" -m forvalue.bench.gpu_e2e --out "$out" ${dry_run:+--dry-run}
+    else
+        echo "== profile: where the engine's time goes"
+        "$python" -m forvalue.bench.gpu_profile --out "$out" ${dry_run:+--dry-run}
+    fi
     exit
 fi
 
@@ -75,11 +103,7 @@ if [[ -n $dry_run ]]; then
            -k "transform4 or dispatch")
     bench=(--dry-run)
 else
-    tests=(tests/test_kernels_triton.py -m "gpu or not gpu")
-    # Kernel compilation dominates the tests: spread it over workers when xdist is there.
-    if "$python" -c "import xdist" 2>/dev/null; then
-        tests+=(-n 8)
-    fi
+    tests=(tests/test_kernels_triton.py -m "gpu or not gpu" "${xdist[@]}")
     bench=(--device cuda)
 fi
 

@@ -20,7 +20,7 @@ as it finishes; one failing or out of time writes its reason instead. ``--dry-ru
 code on a CPU, tiny shapes, float32, in seconds.
 
     bench/gpu_check.sh DIR --e2e [--dry-run]
-    python -m forvalue.bench.gpu_e2e --out DIR [--dry-run] [--budget-s 270]
+    python -m forvalue.bench.gpu_e2e --out DIR [--dry-run] [--budget-s 270] [--sections NAME ...]
 """
 
 from __future__ import annotations
@@ -356,7 +356,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for e2e-*.json and e2e.md")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, seconds")
     parser.add_argument("--budget-s", type=float, default=270.0, help="stop starting sections after this")
+    parser.add_argument("--sections", nargs="+", choices=[*(s.name for s in SHAPES), "attention-modes"],
+                        help="only these sections (default: all, in order)")
     args = parser.parse_args(argv)
+    wanted = set(args.sections or [*(s.name for s in SHAPES), "attention-modes"])
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("needs a CUDA device (or --dry-run)")
     deadline = time.monotonic() + args.budget_s
@@ -372,10 +375,13 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "e2e-meta.json").write_text(json.dumps(meta, indent=1))
     (args.out / "e2e.md").write_text(f"{json.dumps(meta)}\n\n{TARGETS}\n\n{TABLE_HEAD}\n")
     print(json.dumps(meta), TABLE_HEAD, sep="\n", flush=True)
-    for shape, samples, latency in zip(shapes, plan.samples, plan.latency_seconds, strict=True):
-        section = functools.partial(model_section, shape, plan, samples, latency, gemm, deadline)
-        run_section(args.out, shape.name, section, deadline, plan)
-    run_section(args.out, "attention-modes", lambda: modes_section(shapes[0], plan), deadline, plan)
+    for name, shape, samples, latency in zip([s.name for s in SHAPES], shapes, plan.samples,
+                                             plan.latency_seconds, strict=True):
+        if name in wanted:
+            section = functools.partial(model_section, shape, plan, samples, latency, gemm, deadline)
+            run_section(args.out, shape.name, section, deadline, plan)
+    if "attention-modes" in wanted:
+        run_section(args.out, "attention-modes", lambda: modes_section(shapes[0], plan), deadline, plan)
     print((args.out / "e2e.md").read_text())
 
 

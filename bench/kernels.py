@@ -27,8 +27,11 @@ import torch
 from forvalue import kernels
 
 MODELS = {"smollm2-135m": (576, 49152), "qwen2.5-1.5b": (1536, 151936), "llama-3-8b": (4096, 128256)}
-ALL_OPS = ("vocab_logsumexp", "reference_score", "error_outer", "error_gram", "error_sketch")
-HOT_OPS = ("vocab_logsumexp", "reference_score")
+# reference_score_fp32_g: reference_score with an fp32 G beside bf16 H, as the engine runs it
+# (its resident reference is fp32).
+ALL_OPS = ("vocab_logsumexp", "reference_score", "reference_score_fp32_g", "error_outer", "error_gram",
+           "error_sketch")
+HOT_OPS = ("vocab_logsumexp", "reference_score", "reference_score_fp32_g")
 # (model, tokens, ops): sized to finish in about three minutes on an H200.
 GPU_PLAN = [
     ("smollm2-135m", 1024, HOT_OPS),
@@ -64,7 +67,8 @@ class Row:
 def flops(op: str, T: int, V: int, d: int, Tb: int) -> float:
     """The arithmetic the naive version does with cuBLAS (the same for every implementation)."""
     logits = 2.0 * T * V * d
-    return {"vocab_logsumexp": logits, "reference_score": 2 * logits, "error_outer": 2 * logits,
+    return {"vocab_logsumexp": logits, "reference_score": 2 * logits,
+            "reference_score_fp32_g": 2 * logits, "error_outer": 2 * logits,
             "error_gram": 2.0 * (T + Tb) * V * d + 2.0 * T * Tb * V,
             "error_sketch": logits + 2.0 * T * V * SKETCH_DIM}[op]
 
@@ -75,7 +79,9 @@ def make_inputs(T: int, V: int, d: int, dtype: torch.dtype, device: str) -> dict
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
 
-    return {"H": randn(T, d), "W": randn(V, d, scale=2.0 / d**0.5), "G": randn(V, d, scale=1e-3),
+    G = randn(V, d, scale=1e-3)
+    return {"H": randn(T, d), "W": randn(V, d, scale=2.0 / d**0.5), "G": G,
+            "G32": G.float() + torch.randn(V, d, generator=gen, device=device) * 1e-6,
             "R": randn(V, SKETCH_DIM), "Hb": randn(min(T, GRAM_TOKENS), d),
             "labels": torch.randint(0, V, (T,), generator=gen, device=device),
             "lb": torch.randint(0, V, (min(T, GRAM_TOKENS),), generator=gen, device=device),
@@ -83,9 +89,10 @@ def make_inputs(T: int, V: int, d: int, dtype: torch.dtype, device: str) -> dict
 
 
 def op_call(op: str, x: dict, backend: str) -> Callable[[], object]:
-    fn = getattr(kernels, op)
+    fn = getattr(kernels, op.removesuffix("_fp32_g"))
     args = {"vocab_logsumexp": (x["H"], x["W"], x["labels"]),
             "reference_score": (x["H"], x["W"], x["labels"], x["G"]),
+            "reference_score_fp32_g": (x["H"], x["W"], x["labels"], x["G32"]),
             "error_outer": (x["H"], x["W"], x["labels"], x["weights"]),
             "error_gram": (x["H"], x["labels"], x["Hb"], x["lb"], x["W"]),
             "error_sketch": (x["H"], x["W"], x["labels"], x["R"])}[op]
@@ -112,6 +119,10 @@ def naive_call(op: str, x: dict) -> Callable[[], object]:
         _, error = dense_errors(H, W, labels)
         return (error * (H @ x["G"].T).float()).sum(1)
 
+    def reference_fp32_g():
+        _, error = dense_errors(H, W, labels)
+        return (error * (H.float() @ x["G32"].T)).sum(1)
+
     def outer():
         _, error = dense_errors(H, W, labels)
         return (error * x["weights"][:, None]).to(H.dtype).T @ H
@@ -125,7 +136,8 @@ def naive_call(op: str, x: dict) -> Callable[[], object]:
         _, error = dense_errors(H, W, labels)
         return error.to(H.dtype) @ x["R"]
 
-    return {"vocab_logsumexp": lse, "reference_score": reference, "error_outer": outer,
+    return {"vocab_logsumexp": lse, "reference_score": reference,
+            "reference_score_fp32_g": reference_fp32_g, "error_outer": outer,
             "error_gram": gram, "error_sketch": sketch}[op]
 
 
@@ -266,7 +278,8 @@ def plan_for(args: argparse.Namespace) -> list[tuple[str, int, tuple[str, ...], 
         return DRY_PLAN
     if args.device == "cpu":
         return CPU_PLAN
-    return [(model, T, ops, *MODELS[model]) for model, T, ops in GPU_PLAN]
+    return [(model, T, tuple(op for op in ops if not args.ops or op in args.ops), *MODELS[model])
+            for model, T, ops in GPU_PLAN if not args.models or model in args.models]
 
 
 def run(args: argparse.Namespace) -> tuple[list[Row], dict]:
@@ -300,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, CPU, interpreter")
+    parser.add_argument("--ops", nargs="+", choices=ALL_OPS, help="only these ops (GPU plan)")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), help="only these shapes (GPU plan)")
     args = parser.parse_args(argv)
     if args.dry_run:
         args.device = "cpu"

@@ -42,6 +42,11 @@ _HARMLESS_KWARGS = frozenset({"position_ids", "use_cache", "cache", "past_key_va
 # (CppCompileError) for some orders of sliding-window and plain masks; static shapes would
 # recompile for every packed length.
 _COMPILED_FLEX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Compiled FlexAttention finds no kernel for short rows at some head layouts (torch 2.11 on an
+# H200: 32 query and 8 key-value heads of 128 failed at 40 tokens and ran at 200, 3000 and
+# 3900; 12/2 and 9/3 heads ran at all four; bench/results/gpu-2026-11-30/): a row shorter than
+# this is padded to it for the attention, the pads forming a segment of their own.
+FLEX_MIN_ROW = 256
 
 
 class PackingUnsupported(RuntimeError):
@@ -52,19 +57,24 @@ class PackingUnsupported(RuntimeError):
 class PackedSegments:
     """The segments of one packed row, on the device: ``bounds`` (int32 cumulative lengths,
     ``n + 1``), ``ids`` (the segment of each of the ``N`` tokens) and the longest length.
-    Flex block masks are built on first use, one per sliding window, and shared by the layers
-    of one forward."""
+    Flex block masks are built on first use, one per sliding window, over ``flex_rows`` tokens
+    (``N`` raised to ``FLEX_MIN_ROW``), and shared by the layers of one forward."""
 
     bounds: torch.Tensor
     ids: torch.Tensor
     longest: int
     _block_masks: dict[int | None, BlockMask] = field(default_factory=dict, repr=False)
 
+    @property
+    def flex_rows(self) -> int:
+        return max(self.ids.shape[0], FLEX_MIN_ROW)
+
     def block_mask(self, window: int | None, compiled: bool) -> BlockMask:
         if window not in self._block_masks:
             build = _compiled(create_block_mask) if compiled else create_block_mask
-            n = self.ids.shape[0]
-            self._block_masks[window] = build(_document_mask(self.ids, window), None, None, n, n,
+            n, pads = self.flex_rows, self.flex_rows - self.ids.shape[0]
+            ids = torch.cat([self.ids, self.ids.new_full((pads,), -1)]) if pads else self.ids
+            self._block_masks[window] = build(_document_mask(ids, window), None, None, n, n,
                                               device=self.ids.device)
         return self._block_masks[window]
 
@@ -172,9 +182,12 @@ def flex_packed_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     _check_packed_call(module, attention_mask, dropout, softcap, is_causal, kwargs)
     compiled = flex_is_compiled(query)
     flex = _compiled(flex_attention) if compiled else flex_attention
+    n, pads = query.shape[2], forvalue_segments.flex_rows - query.shape[2]
+    if pads:
+        query, key, value = (F.pad(t, (0, 0, 0, pads)) for t in (query, key, value))
     out = flex(query, key, value, block_mask=forvalue_segments.block_mask(sliding_window, compiled),
                scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
-    return out.transpose(1, 2).contiguous(), None
+    return out[:, :, :n].transpose(1, 2).contiguous(), None
 
 
 def flex_is_compiled(tensor: torch.Tensor) -> bool:

@@ -19,6 +19,7 @@ from .triton_utils import (
     merge_split,
     online_softmax_step,
     project_tile,
+    split_halves,
     tl,
     transform_args,
     transform_labels,
@@ -43,11 +44,12 @@ def logsumexp_torch(H: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
 def softmax_partials_kernel(H, W, G, bias, stride_b, scale, softcap, part_max, part_sum, part_acc,
                             T, V, D, tiles_per_split, stride_ht, stride_hd, stride_wv, stride_wd,
                             stride_gv, stride_gd, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                            HAS_SOFTCAP: tl.constexpr, WITH_G: tl.constexpr, BLOCK_T: tl.constexpr,
-                            BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                            INTERPRET: tl.constexpr):
+                            HAS_SOFTCAP: tl.constexpr, WITH_G: tl.constexpr, SPLIT_G: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                            EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
     """One (token tile, vocabulary split): running max and sum of ``exp(l)`` over the split and,
-    with ``WITH_G``, ``sum_v exp(l_v - max) f'_v (G h)_v``, stored per split as ``(S, T)``."""
+    with ``WITH_G``, ``sum_v exp(l_v - max) f'_v (G h)_v``, stored per split as ``(S, T)``;
+    ``SPLIT_G``: ``G`` in two halves (``project_tile``)."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     split = tl.program_id(1)
     m = tl.full((BLOCK_T,), float("-inf"), tl.float32)
@@ -60,7 +62,7 @@ def softmax_partials_kernel(H, W, G, bias, stride_b, scale, softcap, part_max, p
         cols = (split * tiles_per_split + i) * BLOCK_V + tl.arange(0, BLOCK_V)
         z, gz = project_tile(H, W, G, rows, cols, T, V, D, stride_ht, stride_hd, stride_wv,
                              stride_wd, stride_gv, stride_gd, BLOCK_T, BLOCK_V, BLOCK_K, WITH_G,
-                             EVEN_K, INTERPRET)
+                             SPLIT_G, EVEN_K, INTERPRET)
         l, slope = transform_tile(z, cols, V, bias, stride_b, scale, softcap, HAS_BIAS,
                                   HAS_SCALE, HAS_SOFTCAP)
         m, total, alpha, p = online_softmax_step(m, total, l)
@@ -128,19 +130,26 @@ FINALISE = KernelConfig(
 def softmax_over_vocab(H: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
                        transform: LogitTransform, G: torch.Tensor | None,
                        config: KernelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the split partials and the finaliser: ``(lse, l_y)``, or ``(s, unused)`` with G."""
+    """Launch the split partials and the finaliser: ``(lse, l_y)``, or ``(s, unused)`` with G.
+
+    An fp32 ``G`` beside half ``H`` reaches the partials as two half matrices (``split_halves``,
+    a transient copy of ``G``'s size) and the finaliser, which reads only label rows, as is."""
     T, D = H.shape
     V = W.shape[0]
     with_g = G is not None
     G = W if G is None else G  # never read without WITH_G
-    cfg = config.pick(H, W, G)
+    split_g = with_g and G.dtype == torch.float32 and H.dtype != torch.float32
+    if split_g:
+        G = G.contiguous()  # the halves share its strides
+    tile_g = split_halves(G, H.dtype) if split_g else G
+    cfg = config.pick(H, W, tile_g)
     splits, per_split = vocab_splits(T, cfg["BLOCK_T"], V, cfg["BLOCK_V"], H.device)
     part = torch.empty((3 if with_g else 2, splits, T), dtype=torch.float32, device=H.device)
     t_args, flags = transform_args(transform, W)
     strides = (*H.stride(), *W.stride(), *G.stride())
-    launch(softmax_partials_kernel, (triton.cdiv(T, cfg["BLOCK_T"]), splits), H, W, G, *t_args,
+    launch(softmax_partials_kernel, (triton.cdiv(T, cfg["BLOCK_T"]), splits), H, W, tile_g, *t_args,
            part[0], part[1], part[-1], T, V, D, per_split, *strides, **flags, WITH_G=with_g,
-           EVEN_K=D % cfg["BLOCK_K"] == 0, INTERPRET=INTERPRET, **cfg)
+           SPLIT_G=split_g, EVEN_K=D % cfg["BLOCK_K"] == 0, INTERPRET=INTERPRET, **cfg)
     out = torch.empty((2, T), dtype=torch.float32, device=H.device)
     fin = FINALISE.pick(H, W, G)
     launch(softmax_finalise_kernel, (triton.cdiv(T, fin["BLOCK_T"]),), H, W, G, labels, *t_args,

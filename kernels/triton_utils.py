@@ -185,6 +185,19 @@ def mma(a, b, acc, INTERPRET: tl.constexpr):
     return _dot(a, b, acc, INTERPRET)
 
 
+def split_halves(G: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An fp32 ``(V, d)`` matrix as ``2 V`` contiguous rows of ``dtype``: ``hi = G`` rounded,
+    then ``lo = G - hi`` rounded, so that ``hi + lo`` keeps ~16 mantissa bits of ``G``.
+
+    Splitting once per call, rather than per tile inside the kernel, lets the kernel stream
+    both halves through the tensor cores from memory with the half-precision tiles."""
+    V, d = G.shape
+    halves = torch.empty((2, V, d), dtype=dtype, device=G.device)
+    halves[0] = G
+    torch.sub(G, halves[0], out=halves[1])
+    return halves.view(2 * V, d)
+
+
 @jit
 def tanh(x):
     # From exp (no libdevice in the interpreter); exp of a non-positive argument cannot overflow.
@@ -196,10 +209,12 @@ def tanh(x):
 @jit
 def project_tile(H, W, G, rows, cols, T, V, D, stride_ht, stride_hd, stride_wv, stride_wd,
                  stride_gv, stride_gd, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_K: tl.constexpr, WITH_G: tl.constexpr, EVEN_K: tl.constexpr,
-                 INTERPRET: tl.constexpr):
+                 BLOCK_K: tl.constexpr, WITH_G: tl.constexpr, SPLIT_G: tl.constexpr,
+                 EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
     """``z = H[rows] W[cols]^T`` and, with ``WITH_G``, ``H[rows] G[cols]^T`` from the same H loads.
 
+    With ``SPLIT_G``, ``G`` holds ``2 V`` rows: the half-precision ``hi`` of an fp32 matrix,
+    then its remainder ``lo`` (``split_halves``); both halves go through the tensor cores.
     Rows past ``T`` and columns past ``V`` load zeros; the callers mask them.
     """
     row_ok = rows < T
@@ -221,6 +236,8 @@ def project_tile(H, W, G, rows, cols, T, V, D, stride_ht, stride_hd, stride_wv, 
         z = mma(h, tl.load(w_ptrs, mask=w_mask, other=0.0), z, INTERPRET)
         if WITH_G:
             gz = mma(h, tl.load(g_ptrs, mask=w_mask, other=0.0), gz, INTERPRET)
+            if SPLIT_G:
+                gz = mma(h, tl.load(g_ptrs + V * stride_gv, mask=w_mask, other=0.0), gz, INTERPRET)
         h_ptrs += BLOCK_K * stride_hd
         w_ptrs += BLOCK_K * stride_wd
         g_ptrs += BLOCK_K * stride_gd

@@ -49,3 +49,14 @@ def test_a_dry_run_never_writes_into_bench_results():
     done = gpu_check(target, "--e2e", "--dry-run")
     assert done.returncode == 2 and "bench/results" in done.stderr
     assert not target.exists()
+
+
+@pytest.mark.slow
+def test_the_profile_dry_run_writes_its_tables(tmp_path):
+    done = gpu_check(tmp_path, "--profile", "--dry-run")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "profile.json").read_text())
+    assert result["tokens_per_s"] > 0 and 0 < result["single_p50_ms"] <= result["single_p99_ms"]
+    assert result["flex"] == []  # compiled FlexAttention alone runs on CUDA only
+    text = (tmp_path / "profile.txt").read_text()
+    assert "# bulk:" in text and "# single:" in text and "aten::mm" in text

@@ -7,7 +7,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
 from forvalue.engine import attention as attention_module
 from forvalue.engine import load_model
@@ -193,6 +200,18 @@ def test_flex_equals_per_sample(kind, dtype):
     assert_states_match(model, samples, run(runner, samples, budget=48), tolerance)
 
 
+@pytest.mark.parametrize("min_row", [1, 108, 300])
+def test_flex_pads_short_rows_without_changing_states(monkeypatch, min_row):
+    # A row shorter than FLEX_MIN_ROW is padded for the attention (compiled flex finds no kernel
+    # for short rows at some head layouts): the pads must not reach the 107 real tokens.
+    monkeypatch.setattr(attention_module, "FLEX_MIN_ROW", min_row)
+    model = family_model("mistral-window")
+    ids = [sample.input_ids for sample in random_encoded([2, 17, 5, 40, 9, 31, 3], seed=3)]
+    packed = runner_module._forward_row(model, ids, "flex")
+    alone = torch.cat([runner_module._forward_single(model, list(sample)) for sample in ids])
+    torch.testing.assert_close(packed, alone, rtol=1e-10, atol=1e-10)
+
+
 def test_flex_refuses_what_it_cannot_honour():
     q, kv = torch.randn(1, 2, 6, 8, dtype=torch.float64), torch.randn(1, 1, 6, 8, dtype=torch.float64)
     segments = runner_module._packed_inputs([[1, 2, 3], [4, 5, 6]], torch.device("cpu"))[2]
@@ -269,8 +288,9 @@ def test_cuda_packed_and_chunked_equal_per_sample(attention, kind, dtype):
     # varlen: bfloat16 takes torch's flash varlen kernel where this torch has it, float32 sdpa
     # per segment; flex: compiled FlexAttention in both.
     torch.manual_seed(0)
-    hf = MistralForCausalLM(MistralConfig(**SIZES, sliding_window=4)) if kind == "mistral-window" \
-        else tiny_model(kind)
+    sizes = {**SIZES, "head_dim": 16}  # compiled FlexAttention takes head_dim >= 16
+    hf = MistralForCausalLM(MistralConfig(**sizes, sliding_window=4)) if kind == "mistral-window" \
+        else LlamaForCausalLM(LlamaConfig(**sizes))
     model = load_model(hf, device="cuda", dtype=dtype)
     runner = ModelRunner(model, attention=attention)  # forced: auto may prefer another mode
     samples = random_encoded([2, 17, 5, 40, 9, 31, 3], seed=5)
