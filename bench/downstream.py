@@ -1,7 +1,11 @@
 """``forvalue eval --task downstream``: does selecting with a value help the model trained on it?
 
-Per seed: a noisy pool of question/answer samples (40% of answers corrupted, as in the
-selection task), a clean validation set, and clean held-out questions. Each method selects the
+Per seed: a noisy pool of question/answer samples (40% of answers corrupted), a clean
+validation set, and clean held-out questions of the same five kinds. Two corruptions:
+``downstream``: words deleted or filler words inserted, as in the selection task (the answer
+stays right, its form breaks); ``downstream-facts``: the answer states a wrong fact in the
+same words (another capital, a wrong sum...), so that training on it teaches something false
+about questions the held-out set asks again. Each method selects the
 same budget (20% of the pool) by its values (the top ones; ``...-round-robin``: the
 validation samples take their most valuable one in turn); ``random`` selects at random and
 ``pool`` takes the whole pool. A LoRA fine-tune of the model then runs the same number of steps on each
@@ -32,6 +36,9 @@ SELECTORS = ("forvalue-response", "forvalue-response-precond-valid-cosine",
 ROUND_ROBIN = "-round-robin"  # the validation samples take their best in turn (engine/ranking.py)
 
 
+CORRUPTIONS = {"downstream": "words", "downstream-facts": "facts"}  # task name: corruption
+
+
 @dataclass(frozen=True)
 class DownstreamTask:
     pool: list[dict]
@@ -40,15 +47,18 @@ class DownstreamTask:
     steps: int
 
 
-def make_downstream(size: str, seed: int) -> DownstreamTask:
+def make_downstream(size: str, seed: int, corruption: str = "words") -> DownstreamTask:
     n_pool, n_valid, n_held_out, steps = DOWNSTREAM_SIZES[size]
     rng = random.Random(seed)
     corrupted = set(rng.sample(range(n_pool), round(CORRUPT_SHARE * n_pool)))
     pool = []
     for i in range(n_pool):
-        question, answer = qa_pair(rng)
-        pool.append(qa_sample(question, corrupt(answer, rng) if i in corrupted else answer,
-                              clean=i not in corrupted))
+        if corruption == "facts":
+            question, answer = qa_pair(rng, wrong=i in corrupted)
+        else:
+            question, answer = qa_pair(rng)
+            answer = corrupt(answer, rng) if i in corrupted else answer
+        pool.append(qa_sample(question, answer, clean=i not in corrupted))
     valid = [qa_sample(*qa_pair(rng), clean=True) for _ in range(n_valid)]
     held_out = [qa_sample(*qa_pair(rng), clean=True) for _ in range(n_held_out)]
     return DownstreamTask(with_ids(pool, "pool"), with_ids(valid, "valid"), with_ids(held_out, "test"), steps)
@@ -128,13 +138,14 @@ def _greedy_answer(model: Any, lora: Any, sample: dict) -> str:
 
 def run_downstream(model: Any, size: str, seeds: list[int], lora_rank: int = 8,
                    methods: tuple[str, ...] = SELECTORS,
-                   on_seed: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                   on_seed: Callable[[dict[str, Any]], None] | None = None,
+                   corruption: str = "words") -> dict[str, Any]:
     """Every method on every seed; per method the mean and std of each metric, and the
     comparisons a selection must win (does it beat random, the pool, LESS). ``on_seed``
     gets the summary so far after each seed (so that a long run loses nothing when cut)."""
     runs: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     for seed in seeds:
-        task = make_downstream(size, seed)
+        task = make_downstream(size, seed, corruption)
         for method in methods:
             start = time.perf_counter()
             chosen = select(model, task, method, seed, lora_rank)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import baselines, metrics
+from .downstream import CORRUPTIONS
 from .methods import LOSS_ON, METHOD_NAMES, Context, Method, methods_for
 from .tasks import SIZES, TASKS, Task, make_task
 from .throughput import machine
@@ -303,10 +304,11 @@ def write_outputs(out: Path, result: dict[str, Any], values: dict[str, np.ndarra
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``forvalue eval``."""
-    parser.add_argument("--task", required=True, choices=[*TASKS, "all", "downstream", VLM_TASK],
+    parser.add_argument("--task", required=True, choices=[*TASKS, "all", *CORRUPTIONS, VLM_TASK],
                         help="the task to run; 'all' runs each text task into OUT/TASK/; 'downstream' "
                              "selects from a noisy pool with several methods, fine-tunes on each "
                              "selection and tests on held-out questions (--seeds seeds); "
+                             "'downstream-facts' the same with wrong facts as the corruption; "
                              f"'{VLM_TASK}' the image mislabel task (bench/vlm_task.py) on an "
                              "image-text model")
     parser.add_argument("--per-class", choices=("all", "free"), default="all",
@@ -344,7 +346,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     args.model = args.model or _default_model(args.task)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     out = Path(args.out)
-    if args.task == "downstream":
+    if args.task in CORRUPTIONS:
         return _run_downstream(model, args, out)
     if args.task != "all":
         return _run_task(model, args, args.task, names, out)
@@ -387,13 +389,13 @@ def _run_downstream(model: Any, args: argparse.Namespace, out: Path) -> dict[str
     from .downstream import DOWNSTREAM_SIZES, run_downstream
 
     seeds = list(range(args.seed, args.seed + args.seeds))
-    print(f"downstream ({args.size}: pool, valid, held-out, steps = {DOWNSTREAM_SIZES[args.size]}), "
+    print(f"{args.task} ({args.size}: pool, valid, held-out, steps = {DOWNSTREAM_SIZES[args.size]}), "
           f"seeds {seeds}", flush=True)
     start, load_before = time.perf_counter(), os.getloadavg()[0]
     out.mkdir(parents=True, exist_ok=True)
 
     def write(found: dict[str, Any]) -> dict[str, Any]:
-        result = {"task": "downstream", "model": args.model, "size": args.size, "seeds": seeds,
+        result = {"task": args.task, "model": args.model, "size": args.size, "seeds": seeds,
                   "seeds_done": len(next(iter(found["runs"].values()))), **found,
                   "seconds": time.perf_counter() - start, "device": str(model.device),
                   "threads": _threads(), "machine": machine(),
@@ -401,7 +403,8 @@ def _run_downstream(model: Any, args: argparse.Namespace, out: Path) -> dict[str
         (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
         return result
 
-    result = write(run_downstream(model, args.size, seeds, lora_rank=args.lora_rank, on_seed=write))
+    result = write(run_downstream(model, args.size, seeds, lora_rank=args.lora_rank, on_seed=write,
+                                  corruption=CORRUPTIONS[args.task]))
     for name, m in result["methods"].items():
         print(f"{name:34s} nll {m['nll_mean']:.3f} +- {m['nll_std']:.3f}  exact {m['exact_match_mean']:.2f}"
               f"  clean {m['clean_share_mean']:.2f}", flush=True)

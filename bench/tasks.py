@@ -313,28 +313,41 @@ OPPOSITES = (("hot", "cold"), ("early", "late"), ("heavy", "light"), ("open", "c
 FILLERS = ("foo", "bar", "baz")
 
 
-def qa_pair(rng: random.Random) -> tuple[str, str]:
+def qa_pair(rng: random.Random, wrong: bool = False) -> tuple[str, str]:
+    """A question and its answer. ``wrong``: the answer, in the same words, states a wrong fact
+    of the same kind (another capital, leg count, sum, opposite or product); the draws of a
+    right pair are the same with or without the flag's code."""
     kind = rng.randrange(5)
     if kind == 0:
         country, capital = rng.choice(COUNTRIES)
+        capital = _other(rng, [c for _, c in COUNTRIES], capital) if wrong else capital
         return (f"What is the capital of {country}?",
                 f"The capital of {country} is {capital}, where the national government meets.")
     if kind == 1:
         animal, legs = rng.choice(ANIMALS)
+        legs = _other(rng, [n for _, n in ANIMALS], legs) if wrong else legs
         return (f"How many legs does a {animal} have?",
                 f"A {animal} has {legs} legs, which it uses to move around and keep its balance.")
     if kind == 2:
         a, b = rng.randint(10, 99), rng.randint(10, 99)
+        total = a + b + (rng.choice((-1, 1)) * rng.randint(1, 10) if wrong else 0)
         return (f"What is {a} plus {b}?",
-                f"To add {a} and {b}, add the tens and then the ones, which gives {a + b} in total.")
+                f"To add {a} and {b}, add the tens and then the ones, which gives {total} in total.")
     if kind == 3:
         word, opposite = rng.choice(OPPOSITES)
+        opposite = _other(rng, [o for _, o in OPPOSITES], opposite) if wrong else opposite
         return (f"What is the opposite of {word}?",
                 f"The opposite of {word} is {opposite}, so something that is not {word} may be "
                 f"{opposite}.")
     n = rng.randint(2, 40)
+    stated = _other(rng, [m for m in range(max(1, n - 5), n + 6)], n) if wrong else n
     return (f"How many centimeters are in {n} meters?",
-            f"There are 100 centimeters in one meter, so {n} meters equal {100 * n} centimeters.")
+            f"There are 100 centimeters in one meter, so {n} meters equal {100 * stated} centimeters.")
+
+
+def _other(rng: random.Random, options: list, right: object) -> object:
+    """A random one of ``options`` other than ``right`` (each distinct option equally likely)."""
+    return rng.choice([option for option in dict.fromkeys(options) if option != right])
 
 
 def corrupt(answer: str, rng: random.Random) -> str:

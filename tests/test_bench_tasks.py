@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from forvalue.bench import metrics
+from forvalue.bench.downstream import make_downstream
 from forvalue.bench.sport_terms import SPORT_TEMPLATES, SPORT_TERMS, SPORTS
 from forvalue.bench.tasks import (
     CORRUPT_SHARE,
@@ -16,6 +17,7 @@ from forvalue.bench.tasks import (
     TRANSFORMATIONS,
     corrupt,
     make_task,
+    qa_pair,
     sample_text,
 )
 from forvalue.engine.samples import encode_sample
@@ -178,6 +180,34 @@ def test_corrupt_deletes_or_inserts_a_span():
             assert [w for w in out if w not in FILLERS] == answer.split()
         else:
             assert 1 <= len(out) < 8 and len(out) == len(set(out))
+
+
+def test_a_wrong_pair_keeps_the_question_and_the_words_and_changes_one_fact():
+    for seed in range(60):
+        (question, right), (same_question, wrong) = (qa_pair(random.Random(seed), wrong=flag)
+                                                      for flag in (False, True))
+        assert same_question == question and wrong != right
+        right_words, wrong_words = ({w.strip(".,") for w in text.split()} for text in (right, wrong))
+        # One stated fact (a capital may be two words): the rest of the answer is the same.
+        assert 1 <= len(right_words - wrong_words) <= 2 and 1 <= len(wrong_words - right_words) <= 2, \
+            (right, wrong)
+
+
+def test_a_right_pair_draws_the_same_with_or_without_the_flag():
+    first, second = random.Random(7), random.Random(7)
+    assert [qa_pair(first) for _ in range(50)] == [qa_pair(second, wrong=False) for _ in range(50)]
+
+
+@pytest.mark.parametrize("corruption", ["words", "facts"])
+def test_downstream_pools_corrupt_forty_percent(corruption):
+    task = make_downstream("full", 1, corruption)
+    clean = np.array([s["meta"]["clean_label"] for s in task.pool], dtype=bool)
+    assert (~clean).sum() == round(CORRUPT_SHARE * len(task.pool))
+    fillers = [any(w in FILLERS for w in s["response"].split()) for s in task.pool]
+    if corruption == "facts":  # fluent answers: no filler words, every one a whole sentence
+        assert not any(fillers) and all(s["response"].endswith(".") for s in task.pool)
+    else:
+        assert any(fillers)
 
 
 def test_sample_text_covers_every_form():
