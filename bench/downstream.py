@@ -10,13 +10,16 @@ same budget (20% of the pool) by its values (the top ones; ``...-round-robin``: 
 validation samples take their most valuable one in turn); ``random`` selects at random and
 ``pool`` takes the whole pool. A LoRA fine-tune of the model then runs the same number of steps on each
 selection, and is scored on the held-out questions: the mean negative log-likelihood of the
-clean answers (primary) and the exact-match rate of greedy answers. A method "beats" another
+clean answers (primary), the exact-match rate of greedy answers, and the negative
+log-likelihood of the stated fact alone (the capital, leg count, sum, opposite or product,
+given the question and the answer up to it), which a wrong-fact corruption targets. A method "beats" another
 when the mean difference over seeds exceeds twice the larger standard deviation.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +40,10 @@ ROUND_ROBIN = "-round-robin"  # the validation samples take their best in turn (
 
 
 CORRUPTIONS = {"downstream": "words", "downstream-facts": "facts"}  # task name: corruption
+# Where each kind of answer (bench/tasks.py, qa_pair) states its fact: the first match's group.
+FACT = re.compile(r"(?:capital of \w+ is|has|gives|opposite of \w+ is|equal) ([\w ]+?)(?:,| legs| in total| "
+                  r"centimeters)")
+METRICS = ("nll", "fact_nll")  # compared between methods, lower is better
 
 
 @dataclass(frozen=True)
@@ -114,13 +121,27 @@ def fine_tune_and_test(model: Any, task: DownstreamTask, chosen: list[int], seed
     lora = lora_copy(model, rank=lora_rank, seed=seed)
     with torch.enable_grad():
         train_lora(model, lora, encode([task.pool[i] for i in chosen]), steps=task.steps, lr=1e-3, seed=seed)
-    held_out = encode(task.held_out)
+    def mean_nll(samples: list[dict]) -> float:
+        encoded = encode(samples)
+        return float(torch.cat([label_nll(model, lora.backbone, encoded[i:i + 8])
+                                for i in range(0, len(encoded), 8)]).mean())
+
     with torch.no_grad():
-        nll = float(torch.cat([label_nll(model, lora.backbone, held_out[i:i + 8])
-                               for i in range(0, len(held_out), 8)]).mean())
+        nll, fact_nll = mean_nll(task.held_out), mean_nll([fact_sample(s) for s in task.held_out])
         exact = float(np.mean([_greedy_answer(model, lora, s) == s["response"].strip()
                                for s in task.held_out]))
-    return {"nll": nll, "exact_match": exact}
+    return {"nll": nll, "exact_match": exact, "fact_nll": fact_nll}
+
+
+def fact_sample(sample: dict) -> dict:
+    """The sample's stated fact as the response, the question and the answer before it as the
+    prompt."""
+    found = FACT.search(sample["response"])
+    if found is None:
+        raise ValueError(f"no stated fact in {sample['response']!r}")
+    start, end = found.span(1)
+    return {"prompt": sample["prompt"] + sample["response"][:start].rstrip(),
+            "response": sample["response"][start - 1:end], "id": f"{sample['id']}-fact"}
 
 
 def _greedy_answer(model: Any, lora: Any, sample: dict) -> str:
@@ -155,7 +176,8 @@ def run_downstream(model: Any, size: str, seeds: list[int], lora_rank: int = 8,
             runs[method].append({**metrics, "clean_share": clean, "select_seconds": selected,
                                  "seconds": time.perf_counter() - start})
             print(f"  seed {seed} {method}: nll {metrics['nll']:.3f}, exact {metrics['exact_match']:.2f}, "
-                  f"clean {clean:.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
+                  f"fact nll {metrics['fact_nll']:.3f}, clean {clean:.2f} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
         if on_seed is not None:
             on_seed(_summary(runs))
     return _summary(runs)
@@ -175,14 +197,21 @@ def _mean_std(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _comparisons(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, Any]]:
-    """For each method against each other: mean NLL difference (lower is better) and whether
-    it exceeds twice the larger std (a "beat")."""
+    """For each method against each other, per metric (lower is better): the mean difference
+    (``nll_gain``, ``fact_nll_gain``) and whether it exceeds twice the larger std (``beats``
+    on the held-out NLL, the primary metric; ``fact_beats`` on the fact's)."""
     out = {}
     for a in runs:
         for b in runs:
             if a == b:
                 continue
-            nll_a, nll_b = (np.array([r["nll"] for r in runs[m]]) for m in (a, b))
-            gap = float(nll_b.mean() - nll_a.mean())
-            out[f"{a} vs {b}"] = {"nll_gain": gap, "beats": bool(gap > 2 * max(nll_a.std(), nll_b.std()))}
+            entry = {}
+            for metric, beats in zip(METRICS, ("beats", "fact_beats"), strict=True):
+                if metric not in runs[a][0]:
+                    continue
+                ours, theirs = (np.array([r[metric] for r in runs[m]]) for m in (a, b))
+                gap = float(theirs.mean() - ours.mean())
+                entry[f"{metric}_gain"] = gap
+                entry[beats] = bool(gap > 2 * max(ours.std(), theirs.std()))
+            out[f"{a} vs {b}"] = entry
     return out

@@ -407,6 +407,7 @@ def _run_downstream(model: Any, args: argparse.Namespace, out: Path) -> dict[str
                                   corruption=CORRUPTIONS[args.task]))
     for name, m in result["methods"].items():
         print(f"{name:34s} nll {m['nll_mean']:.3f} +- {m['nll_std']:.3f}  exact {m['exact_match_mean']:.2f}"
+              f"  fact nll {m['fact_nll_mean']:.3f} +- {m['fact_nll_std']:.3f}"
               f"  clean {m['clean_share_mean']:.2f}", flush=True)
     if not args.no_plots:
         from .plots import plot_downstream

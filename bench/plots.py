@@ -127,14 +127,18 @@ def plot_time_auc(path: Path, result: dict[str, Any], title: str) -> None:
 
 
 def plot_downstream(path: Path, result: dict[str, Any]) -> None:
-    """Held-out NLL (lower is better) and exact match per selection method, mean +- std over seeds."""
+    """Held-out NLL (lower is better), exact match and the fact's NLL per selection method,
+    mean +- std over seeds."""
     import matplotlib.pyplot as plt
 
     methods = result["methods"]
     names = list(methods)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in ((axes[0], "nll", "held-out NLL of clean answers (lower is better)"),
-                           (axes[1], "exact_match", "held-out exact match")):
+    panels = [("nll", "held-out NLL of clean answers (lower is better)"),
+              ("exact_match", "held-out exact match")]
+    if "fact_nll_mean" in methods[names[0]]:  # results before the fact metric existed have none
+        panels.append(("fact_nll", "held-out NLL of the stated fact (lower is better)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
+    for ax, (key, label) in zip(axes, panels, strict=True):
         ax.bar(range(len(names)), [methods[n][f"{key}_mean"] for n in names],
                yerr=[methods[n][f"{key}_std"] for n in names], color=_colors(len(names)), capsize=4)
         ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)

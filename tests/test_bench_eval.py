@@ -85,7 +85,9 @@ def test_downstream_selects_fine_tunes_and_compares(model_dir, tmp_path):
     assert written["seeds"] == [3] and set(written["methods"]) == set(result["methods"])
     for name, m in written["methods"].items():
         assert np.isfinite(m["nll_mean"]) and 0 <= m["exact_match_mean"] <= 1, name
+        assert np.isfinite(m["fact_nll_mean"]) and m["fact_nll_mean"] > 0, name
         assert len(written["runs"][name]) == 1
     assert written["methods"]["pool"]["clean_share_mean"] == pytest.approx(0.6)
-    assert "lora-less vs random" in written["comparisons"]
+    compared = written["comparisons"]["lora-less vs random"]
+    assert {"nll_gain", "beats", "fact_nll_gain", "fact_beats"} <= set(compared)
     assert (tmp_path / "downstream.png").stat().st_size > 0

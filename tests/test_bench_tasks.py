@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from forvalue.bench import metrics
-from forvalue.bench.downstream import make_downstream
+from forvalue.bench.downstream import fact_sample, make_downstream
 from forvalue.bench.sport_terms import SPORT_TEMPLATES, SPORT_TERMS, SPORTS
 from forvalue.bench.tasks import (
     CORRUPT_SHARE,
@@ -208,6 +208,26 @@ def test_downstream_pools_corrupt_forty_percent(corruption):
         assert not any(fillers) and all(s["response"].endswith(".") for s in task.pool)
     else:
         assert any(fillers)
+
+
+@pytest.mark.parametrize("question,fact", [("What is the capital of India?", "New Delhi"),
+                                           ("How many legs does a crab have?", "10"),
+                                           ("What is 29 plus 60?", "89"),
+                                           ("What is the opposite of loud?", "quiet"),
+                                           ("How many centimeters are in 7 meters?", "700")])
+def test_the_fact_sample_ends_at_the_stated_fact(question, fact):
+    answer = next(a for q, a in (qa_pair(random.Random(seed)) for seed in range(500)) if q == question)
+    sample = {"id": "x", "prompt": f"Question: {question}\nAnswer: ", "response": answer}
+    found = fact_sample(sample)
+    assert found["response"] == f" {fact}"
+    assert found["prompt"] + found["response"] == sample["prompt"] + answer[:answer.index(fact) + len(fact)]
+
+
+def test_every_downstream_answer_states_a_fact():
+    for corruption in ("words", "facts"):
+        task = make_downstream("full", 2, corruption)
+        for sample in task.valid + task.held_out:
+            assert fact_sample(sample)["response"].strip()
 
 
 def test_sample_text_covers_every_form():
