@@ -207,8 +207,8 @@ def _comparisons(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str,
                 continue
             entry = {}
             for metric, beats in zip(METRICS, ("beats", "fact_beats"), strict=True):
-                if metric not in runs[a][0]:
-                    continue
+                if not all(metric in r for m in (a, b) for r in runs[m]):
+                    continue  # results from before the metric existed
                 ours, theirs = (np.array([r[metric] for r in runs[m]]) for m in (a, b))
                 gap = float(theirs.mean() - ours.mean())
                 entry[f"{metric}_gain"] = gap

@@ -35,6 +35,7 @@ for flag in "$@"; do
         *) usage ;;
     esac
 done
+[[ -n $e2e && -n $profile ]] && usage
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=$(realpath -m "$dir")
 if [[ -n $dry_run && $out/ == "$repo/bench/results/"* ]]; then

@@ -139,20 +139,18 @@ def softmax_over_vocab(H: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
     with_g = G is not None
     G = W if G is None else G  # never read without WITH_G
     split_g = with_g and G.dtype == torch.float32 and H.dtype != torch.float32
-    if split_g:
-        G = G.contiguous()  # the halves share its strides
     tile_g = split_halves(G, H.dtype) if split_g else G
     cfg = config.pick(H, W, tile_g)
     splits, per_split = vocab_splits(T, cfg["BLOCK_T"], V, cfg["BLOCK_V"], H.device)
     part = torch.empty((3 if with_g else 2, splits, T), dtype=torch.float32, device=H.device)
     t_args, flags = transform_args(transform, W)
-    strides = (*H.stride(), *W.stride(), *G.stride())
     launch(softmax_partials_kernel, (triton.cdiv(T, cfg["BLOCK_T"]), splits), H, W, tile_g, *t_args,
-           part[0], part[1], part[-1], T, V, D, per_split, *strides, **flags, WITH_G=with_g,
-           SPLIT_G=split_g, EVEN_K=D % cfg["BLOCK_K"] == 0, INTERPRET=INTERPRET, **cfg)
+           part[0], part[1], part[-1], T, V, D, per_split, *H.stride(), *W.stride(), *tile_g.stride(),
+           **flags, WITH_G=with_g, SPLIT_G=split_g, EVEN_K=D % cfg["BLOCK_K"] == 0, INTERPRET=INTERPRET,
+           **cfg)
     out = torch.empty((2, T), dtype=torch.float32, device=H.device)
     fin = FINALISE.pick(H, W, G)
     launch(softmax_finalise_kernel, (triton.cdiv(T, fin["BLOCK_T"]),), H, W, G, labels, *t_args,
-           part[0], part[1], part[-1], out[0], out[1], T, D, splits, *strides, labels.stride(0),
-           **flags, WITH_G=with_g, **fin)
+           part[0], part[1], part[-1], out[0], out[1], T, D, splits, *H.stride(), *W.stride(), *G.stride(),
+           labels.stride(0), **flags, WITH_G=with_g, **fin)
     return out[0], out[1]

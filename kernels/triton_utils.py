@@ -223,6 +223,8 @@ def project_tile(H, W, G, rows, cols, T, V, D, stride_ht, stride_hd, stride_wv, 
     h_ptrs = H + rows.to(tl.int64)[:, None] * stride_ht + ks[None, :] * stride_hd
     w_ptrs = W + cols.to(tl.int64)[None, :] * stride_wv + ks[:, None] * stride_wd
     g_ptrs = G + cols.to(tl.int64)[None, :] * stride_gv + ks[:, None] * stride_gd
+    # The lo half's rows start V rows on (64-bit offsets: 2 V d may pass 2^31).
+    g_lo_ptrs = G + (cols.to(tl.int64) + V)[None, :] * stride_gv + ks[:, None] * stride_gd
     z = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
     gz = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
     for k in range(0, D, BLOCK_K):
@@ -237,10 +239,11 @@ def project_tile(H, W, G, rows, cols, T, V, D, stride_ht, stride_hd, stride_wv, 
         if WITH_G:
             gz = mma(h, tl.load(g_ptrs, mask=w_mask, other=0.0), gz, INTERPRET)
             if SPLIT_G:
-                gz = mma(h, tl.load(g_ptrs + V * stride_gv, mask=w_mask, other=0.0), gz, INTERPRET)
+                gz = mma(h, tl.load(g_lo_ptrs, mask=w_mask, other=0.0), gz, INTERPRET)
         h_ptrs += BLOCK_K * stride_hd
         w_ptrs += BLOCK_K * stride_wd
         g_ptrs += BLOCK_K * stride_gd
+        g_lo_ptrs += BLOCK_K * stride_gd
     return z, gz
 
 
