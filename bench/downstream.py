@@ -5,15 +5,17 @@ validation set, and clean held-out questions of the same five kinds. Two corrupt
 ``downstream``: words deleted or filler words inserted, as in the selection task (the answer
 stays right, its form breaks); ``downstream-facts``: the answer states a wrong fact in the
 same words (another capital, a wrong sum...), so that training on it teaches something false
-about questions the held-out set asks again. Each method selects the
-same budget (20% of the pool) by its values (the top ones; ``...-round-robin``: the
-validation samples take their most valuable one in turn); ``random`` selects at random and
-``pool`` takes the whole pool. A LoRA fine-tune of the model then runs the same number of steps on each
-selection, and is scored on the held-out questions: the mean negative log-likelihood of the
-clean answers (primary), the exact-match rate of greedy answers, and the negative
-log-likelihood of the stated fact alone (the capital, leg count, sum, opposite or product,
-given the question and the answer up to it), which a wrong-fact corruption targets. A method "beats" another
-when the mean difference over seeds exceeds twice the larger standard deviation.
+about questions the held-out set asks again.
+
+Each method selects the same budget (20% of the pool) by its values (the top ones;
+``...-round-robin``: the validation samples take their most valuable one in turn); ``random``
+selects at random and ``pool`` takes the whole pool. A LoRA fine-tune of the model then runs
+the same number of steps on each selection, and is scored on the held-out questions: the mean
+negative log-likelihood of the clean answers (primary), the exact-match rate of greedy
+answers, and the negative log-likelihood of the stated fact alone (the capital, leg count,
+sum, opposite or product, given the question and the answer up to it), which a wrong-fact
+corruption targets. A method "beats" another when the mean difference over seeds exceeds
+twice the larger standard deviation.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ def fine_tune_and_test(model: Any, task: DownstreamTask, chosen: list[int], seed
     lora = lora_copy(model, rank=lora_rank, seed=seed)
     with torch.enable_grad():
         train_lora(model, lora, encode([task.pool[i] for i in chosen]), steps=task.steps, lr=1e-3, seed=seed)
+
     def mean_nll(samples: list[dict]) -> float:
         encoded = encode(samples)
         return float(torch.cat([label_nll(model, lora.backbone, encoded[i:i + 8])

@@ -65,7 +65,7 @@ def _sketch_partials_kernel(H, W, R, bias, stride_b, scale, softcap, part_max, p
     acc = tl.zeros((BLOCK_T, BLOCK_R), tl.float32)
     for i in range(tiles_per_split):  # bounds as in softmax.softmax_partials_kernel
         cols = (split * tiles_per_split + i) * BLOCK_V + tl.arange(0, BLOCK_V)
-        z, _ = project_tile(H, W, W, rows, cols, T, V, D, stride_ht, stride_hd, stride_wv,
+        z, _ = project_tile(H, W, W, W, rows, cols, T, V, D, stride_ht, stride_hd, stride_wv,
                             stride_wd, stride_wv, stride_wd, BLOCK_T, BLOCK_V, BLOCK_K, False, False,
                             EVEN_K, INTERPRET)
         l, slope = transform_tile(z, cols, V, bias, stride_b, scale, softcap, HAS_BIAS,

@@ -42,7 +42,7 @@ def error_tile_kernel(H, W, labels, weights, lse, bias, stride_b, scale, softcap
     local = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     cols = v_start + local
     row_ok = rows < T
-    z, _ = project_tile(H, W, W, rows, cols, T, v_stop, D, stride_ht, stride_hd, stride_wv,
+    z, _ = project_tile(H, W, W, W, rows, cols, T, v_stop, D, stride_ht, stride_hd, stride_wv,
                         stride_wd, stride_wv, stride_wd, BLOCK_T, BLOCK_V, BLOCK_K, False, False, EVEN_K,
                         INTERPRET)
     l, slope = transform_tile(z, cols, v_stop, bias, stride_b, scale, softcap, HAS_BIAS,

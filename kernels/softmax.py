@@ -41,7 +41,7 @@ def logsumexp_torch(H: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
 
 
 @jit
-def softmax_partials_kernel(H, W, G, bias, stride_b, scale, softcap, part_max, part_sum, part_acc,
+def softmax_partials_kernel(H, W, G, G_lo, bias, stride_b, scale, softcap, part_max, part_sum, part_acc,
                             T, V, D, tiles_per_split, stride_ht, stride_hd, stride_wv, stride_wd,
                             stride_gv, stride_gd, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
                             HAS_SOFTCAP: tl.constexpr, WITH_G: tl.constexpr, SPLIT_G: tl.constexpr,
@@ -49,7 +49,7 @@ def softmax_partials_kernel(H, W, G, bias, stride_b, scale, softcap, part_max, p
                             EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
     """One (token tile, vocabulary split): running max and sum of ``exp(l)`` over the split and,
     with ``WITH_G``, ``sum_v exp(l_v - max) f'_v (G h)_v``, stored per split as ``(S, T)``;
-    ``SPLIT_G``: ``G`` in two halves (``project_tile``)."""
+    ``SPLIT_G``: ``G`` in two halves, ``G + G_lo`` (``project_tile``)."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     split = tl.program_id(1)
     m = tl.full((BLOCK_T,), float("-inf"), tl.float32)
@@ -60,7 +60,7 @@ def softmax_partials_kernel(H, W, G, bias, stride_b, scale, softcap, part_max, p
     # always in range, so the running max is finite before any such tile.
     for i in range(tiles_per_split):
         cols = (split * tiles_per_split + i) * BLOCK_V + tl.arange(0, BLOCK_V)
-        z, gz = project_tile(H, W, G, rows, cols, T, V, D, stride_ht, stride_hd, stride_wv,
+        z, gz = project_tile(H, W, G, G_lo, rows, cols, T, V, D, stride_ht, stride_hd, stride_wv,
                              stride_wd, stride_gv, stride_gd, BLOCK_T, BLOCK_V, BLOCK_K, WITH_G,
                              SPLIT_G, EVEN_K, INTERPRET)
         l, slope = transform_tile(z, cols, V, bias, stride_b, scale, softcap, HAS_BIAS,
@@ -133,18 +133,19 @@ def softmax_over_vocab(H: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
     """Launch the split partials and the finaliser: ``(lse, l_y)``, or ``(s, unused)`` with G.
 
     An fp32 ``G`` beside half ``H`` reaches the partials as two half matrices (``split_halves``,
-    a transient copy of ``G``'s size) and the finaliser, which reads only label rows, as is."""
+    a transient copy of ``G``'s size, made per call) and the finaliser, which reads only label
+    rows, as is."""
     T, D = H.shape
     V = W.shape[0]
     with_g = G is not None
     G = W if G is None else G  # never read without WITH_G
     split_g = with_g and G.dtype == torch.float32 and H.dtype != torch.float32
-    tile_g = split_halves(G, H.dtype) if split_g else G
+    tile_g, tile_lo = split_halves(G, H.dtype) if split_g else (G, G)  # G_lo unread unless split
     cfg = config.pick(H, W, tile_g)
     splits, per_split = vocab_splits(T, cfg["BLOCK_T"], V, cfg["BLOCK_V"], H.device)
     part = torch.empty((3 if with_g else 2, splits, T), dtype=torch.float32, device=H.device)
     t_args, flags = transform_args(transform, W)
-    launch(softmax_partials_kernel, (triton.cdiv(T, cfg["BLOCK_T"]), splits), H, W, tile_g, *t_args,
+    launch(softmax_partials_kernel, (triton.cdiv(T, cfg["BLOCK_T"]), splits), H, W, tile_g, tile_lo, *t_args,
            part[0], part[1], part[-1], T, V, D, per_split, *H.stride(), *W.stride(), *tile_g.stride(),
            **flags, WITH_G=with_g, SPLIT_G=split_g, EVEN_K=D % cfg["BLOCK_K"] == 0, INTERPRET=INTERPRET,
            **cfg)

@@ -185,17 +185,17 @@ def mma(a, b, acc, INTERPRET: tl.constexpr):
     return _dot(a, b, acc, INTERPRET)
 
 
-def split_halves(G: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An fp32 ``(V, d)`` matrix as ``2 V`` contiguous rows of ``dtype``: ``hi = G`` rounded,
-    then ``lo = G - hi`` rounded, so that ``hi + lo`` keeps ~16 mantissa bits of ``G``.
+def split_halves(G: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """An fp32 matrix as two contiguous ones of ``dtype`` with the same strides: ``hi = G``
+    rounded and ``lo = G - hi`` rounded, so that ``hi + lo`` keeps ~16 mantissa bits of ``G``
+    (the ``E + E_lo`` of error_tiles.py, for an operand that comes in fp32).
 
     Splitting once per call, rather than per tile inside the kernel, lets the kernel stream
     both halves through the tensor cores from memory with the half-precision tiles."""
-    V, d = G.shape
-    halves = torch.empty((2, V, d), dtype=dtype, device=G.device)
-    halves[0] = G
-    torch.sub(G, halves[0], out=halves[1])
-    return halves.view(2 * V, d)
+    hi, lo = torch.empty((2, *G.shape), dtype=dtype, device=G.device)
+    hi.copy_(G)
+    torch.sub(G, hi, out=lo)
+    return hi, lo
 
 
 @jit
@@ -207,14 +207,14 @@ def tanh(x):
 
 
 @jit
-def project_tile(H, W, G, rows, cols, T, V, D, stride_ht, stride_hd, stride_wv, stride_wd,
+def project_tile(H, W, G, G_lo, rows, cols, T, V, D, stride_ht, stride_hd, stride_wv, stride_wd,
                  stride_gv, stride_gd, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_K: tl.constexpr, WITH_G: tl.constexpr, SPLIT_G: tl.constexpr,
                  EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
     """``z = H[rows] W[cols]^T`` and, with ``WITH_G``, ``H[rows] G[cols]^T`` from the same H loads.
 
-    With ``SPLIT_G``, ``G`` holds ``2 V`` rows: the half-precision ``hi`` of an fp32 matrix,
-    then its remainder ``lo`` (``split_halves``); both halves go through the tensor cores.
+    With ``SPLIT_G``, ``G`` and ``G_lo`` (same strides) are the two half-precision halves of an
+    fp32 matrix (``split_halves``); both go through the tensor cores.
     Rows past ``T`` and columns past ``V`` load zeros; the callers mask them.
     """
     row_ok = rows < T
@@ -222,9 +222,7 @@ def project_tile(H, W, G, rows, cols, T, V, D, stride_ht, stride_hd, stride_wv, 
     ks = tl.arange(0, BLOCK_K)
     h_ptrs = H + rows.to(tl.int64)[:, None] * stride_ht + ks[None, :] * stride_hd
     w_ptrs = W + cols.to(tl.int64)[None, :] * stride_wv + ks[:, None] * stride_wd
-    g_ptrs = G + cols.to(tl.int64)[None, :] * stride_gv + ks[:, None] * stride_gd
-    # The lo half's rows start V rows on (64-bit offsets: 2 V d may pass 2^31).
-    g_lo_ptrs = G + (cols.to(tl.int64) + V)[None, :] * stride_gv + ks[:, None] * stride_gd
+    g_offs = cols.to(tl.int64)[None, :] * stride_gv + ks[:, None] * stride_gd
     z = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
     gz = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
     for k in range(0, D, BLOCK_K):
@@ -237,13 +235,12 @@ def project_tile(H, W, G, rows, cols, T, V, D, stride_ht, stride_hd, stride_wv, 
         h = tl.load(h_ptrs, mask=h_mask, other=0.0)
         z = mma(h, tl.load(w_ptrs, mask=w_mask, other=0.0), z, INTERPRET)
         if WITH_G:
-            gz = mma(h, tl.load(g_ptrs, mask=w_mask, other=0.0), gz, INTERPRET)
+            gz = mma(h, tl.load(G + g_offs, mask=w_mask, other=0.0), gz, INTERPRET)
             if SPLIT_G:
-                gz = mma(h, tl.load(g_lo_ptrs, mask=w_mask, other=0.0), gz, INTERPRET)
+                gz = mma(h, tl.load(G_lo + g_offs, mask=w_mask, other=0.0), gz, INTERPRET)
         h_ptrs += BLOCK_K * stride_hd
         w_ptrs += BLOCK_K * stride_wd
-        g_ptrs += BLOCK_K * stride_gd
-        g_lo_ptrs += BLOCK_K * stride_gd
+        g_offs += BLOCK_K * stride_gd
     return z, gz
 
 
