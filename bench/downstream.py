@@ -9,13 +9,15 @@ about questions the held-out set asks again.
 
 Each method selects the same budget (20% of the pool) by its values (the top ones;
 ``...-round-robin``: the validation samples take their most valuable one in turn); ``random``
-selects at random and ``pool`` takes the whole pool. A LoRA fine-tune of the model then runs
-the same number of steps on each selection, and is scored on the held-out questions: the mean
-negative log-likelihood of the clean answers (primary), the exact-match rate of greedy
-answers, and the negative log-likelihood of the stated fact alone (the capital, leg count,
-sum, opposite or product, given the question and the answer up to it), which a wrong-fact
-corruption targets. A method "beats" another when the mean difference over seeds exceeds
-twice the larger standard deviation.
+selects at random, ``pool`` takes the whole pool, and ``oracle-clean`` selects at random among
+the clean samples (it reads the ground truth: not a method, the best a perfect filter followed
+by a random draw can do, which bounds what cleanliness alone can gain). A LoRA fine-tune of the
+model then runs the same number of steps on each selection, and is scored on the held-out
+questions: the mean negative log-likelihood of the clean answers (primary), the exact-match
+rate of greedy answers, and the negative log-likelihood of the stated fact alone (the capital,
+leg count, sum, opposite or product, given the question and the answer up to it), which a
+wrong-fact corruption targets. A method "beats" another when the mean difference over seeds
+exceeds twice the larger standard deviation.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ DOWNSTREAM_SIZES = {"small": (20, 4, 6, 3), "full": (120, 16, 24, 18)}
 BUDGET = 0.2
 CORRUPT_SHARE = 0.4
 SELECTORS = ("forvalue-response", "forvalue-response-precond-valid-cosine",
-             "forvalue-response-precond-valid-cosine-round-robin", "lora-less", "random", "pool")
+             "forvalue-response-precond-valid-cosine-round-robin", "lora-less", "random", "pool",
+             "oracle-clean")
 ROUND_ROBIN = "-round-robin"  # the validation samples take their best in turn (engine/ranking.py)
 
 
@@ -82,6 +85,9 @@ def select(model: Any, task: DownstreamTask, method: str, seed: int, lora_rank: 
     if method == "random":
         # A stream of its own: Random(seed) would replay the pool's corruption draw.
         return sorted(random.Random(f"select-{seed}").sample(range(n), budget))
+    if method == "oracle-clean":
+        clean = [i for i, s in enumerate(task.pool) if s["meta"]["clean_label"]]
+        return sorted(random.Random(f"oracle-{seed}").sample(clean, min(budget, len(clean))))
     if method.endswith(ROUND_ROBIN):
         from forvalue.engine.ranking import round_robin
 

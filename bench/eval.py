@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import baselines, metrics
-from .downstream import CORRUPTIONS
+from .downstream import CORRUPTIONS, SELECTORS
 from .methods import LOSS_ON, METHOD_NAMES, Context, Method, methods_for
 from .tasks import SIZES, TASKS, Task, make_task
 from .throughput import machine
@@ -316,7 +316,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "methods also run pairwise, untimed) or only where it comes free")
     parser.add_argument("--seeds", type=int, default=3, help="downstream: seeds from --seed on (default: 3)")
     parser.add_argument("--methods", default=None,
-                        help=f"comma-separated methods (default: all that apply): {', '.join(METHOD_NAMES)}")
+                        help=f"comma-separated methods (default: all that apply): {', '.join(METHOD_NAMES)}; "
+                             f"downstream tasks: {', '.join(SELECTORS)}")
     parser.add_argument("--model", default=None,
                         help="embedded name or local model folder (default: smollm2-135m; for "
                              f"{VLM_TASK}, the small VLM of bench/vlm_model.py, built once)")
@@ -347,7 +348,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     out = Path(args.out)
     if args.task in CORRUPTIONS:
-        return _run_downstream(model, args, out)
+        return _run_downstream(model, args, names, out)
     if args.task != "all":
         return _run_task(model, args, args.task, names, out)
     tasks = {name: _run_task(model, args, name, names, out / name) for name in TASKS}
@@ -385,9 +386,14 @@ def _run_task(model: Any, args: argparse.Namespace, name: str, names: list[str] 
     return result
 
 
-def _run_downstream(model: Any, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def _run_downstream(model: Any, args: argparse.Namespace, names: list[str] | None,
+                    out: Path) -> dict[str, Any]:
     from .downstream import DOWNSTREAM_SIZES, run_downstream
 
+    unknown = sorted(set(names or ()) - set(SELECTORS))
+    if unknown:
+        raise SystemExit(f"forvalue eval: unknown downstream method(s) {', '.join(unknown)}; "
+                         f"choose from {', '.join(SELECTORS)}")
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"{args.task} ({args.size}: pool, valid, held-out, steps = {DOWNSTREAM_SIZES[args.size]}), "
           f"seeds {seeds}", flush=True)
@@ -403,7 +409,8 @@ def _run_downstream(model: Any, args: argparse.Namespace, out: Path) -> dict[str
         (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
         return result
 
-    result = write(run_downstream(model, args.size, seeds, lora_rank=args.lora_rank, on_seed=write,
+    result = write(run_downstream(model, args.size, seeds, lora_rank=args.lora_rank,
+                                  methods=tuple(names or SELECTORS), on_seed=write,
                                   corruption=CORRUPTIONS[args.task]))
     for name, m in result["methods"].items():
         print(f"{name:34s} nll {m['nll_mean']:.3f} +- {m['nll_std']:.3f}  exact {m['exact_match_mean']:.2f}"

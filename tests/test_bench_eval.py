@@ -88,6 +88,16 @@ def test_downstream_selects_fine_tunes_and_compares(model_dir, tmp_path):
         assert np.isfinite(m["fact_nll_mean"]) and m["fact_nll_mean"] > 0, name
         assert len(written["runs"][name]) == 1
     assert written["methods"]["pool"]["clean_share_mean"] == pytest.approx(0.6)
+    assert written["methods"]["oracle-clean"]["clean_share_mean"] == 1.0
     compared = written["comparisons"]["lora-less vs random"]
     assert {"nll_gain", "beats", "fact_nll_gain", "fact_beats"} <= set(compared)
     assert (tmp_path / "downstream.png").stat().st_size > 0
+
+
+def test_downstream_runs_the_methods_asked_for(model_dir, tmp_path):
+    result = run_eval(_args("--task", "downstream-facts", "--model", str(model_dir), "--out", str(tmp_path),
+                            "--seeds", "1", "--methods", "random,oracle-clean", "--no-plots"))
+    assert list(result["methods"]) == ["random", "oracle-clean"]
+    with pytest.raises(SystemExit, match="unknown downstream method.*lora-tracin"):
+        run_eval(_args("--task", "downstream", "--model", str(model_dir), "--out", str(tmp_path),
+                       "--methods", "random,lora-tracin"))
