@@ -8,7 +8,8 @@ loss of the LoRA baselines) or ``"cosine"``;
 ``forvalue-<loss_on>-precond-<source>[-cosine][-warm]`` the preconditioned value with ``A``
 from the validation set (``valid``) or the training pool (``train``: a full extra forward
 pass), optionally cosine-normalised, optionally on the model after a one-epoch LoRA warm-up on
-the training pool (``-warm``: a backward pass; its time is reported as warm-up);
+the training pool (``-warm``: a backward pass; its time is reported as warm-up); a ``-skip``
+suffix adds the skip readout at three quarters of the depth (engine/skip.py);
 ``official-...`` the official code's approximations; the rest are baselines
 (bench/baselines.py).
 """
@@ -19,7 +20,7 @@ import copy
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,9 @@ from .tasks import Task, sample_text
 
 LOSS_ON = ("all", "response")
 SOURCES = ("valid", "train")
+# Depth of the ``-skip`` variants' readout: the scan of docs/design.md ("Skip readout") found
+# three quarters of the layers best among 1/4, 1/2, 3/4 and the layer before the last.
+SKIP_DEPTH = 0.75
 
 
 @dataclass
@@ -60,13 +64,13 @@ class Context:
         return values.mean(axis=1) if values.ndim == 2 and self.by_reference else values
 
     def valuator(self, loss_on: str, normalize: str = "none", precondition: str | None = None,
-                 source: str = "valid", warm: bool = False) -> Any:
+                 source: str = "valid", warm: bool = False, skip: bool = False) -> Any:
         from forvalue.engine import Valuator
 
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = {"skip_depth": SKIP_DEPTH if skip else None}
         if precondition is not None:
-            options = {"precondition": precondition, "damping": self.damping,
-                       "covariance": self.task.train if source == "train" else None}
+            options |= {"precondition": precondition, "damping": self.damping,
+                        "covariance": self.task.train if source == "train" else None}
         model = self.warm_model() if warm else self.model
         return Valuator(model, loss_on=loss_on, normalize=normalize, progress=self.progress, **options)
 
@@ -101,6 +105,7 @@ class Method:
     # one value per validation sample (the paper's per-class mislabel AUC).
     pairwise: Callable[[Context], np.ndarray] | None = None
     text_only: bool = False  # reads the samples' text only
+    by_default: bool = True  # run when no method is named
 
     @property
     def takes_images(self) -> bool:
@@ -113,9 +118,10 @@ class Method:
 
 
 def _forvalue(loss_on: str, route: str, normalize: str = "none", precondition: str | None = None,
-              source: str = "valid", warm: bool = False) -> Callable[[Context], np.ndarray]:
+              source: str = "valid", warm: bool = False,
+              skip: bool = False) -> Callable[[Context], np.ndarray]:
     def run(ctx: Context) -> np.ndarray:
-        valuator = ctx.valuator(loss_on, normalize, precondition, source, warm)
+        valuator = ctx.valuator(loss_on, normalize, precondition, source, warm, skip)
         if route == "reference" and ctx.by_reference:
             start = time.perf_counter()
             reference = valuator.reference(ctx.task.valid)
@@ -127,9 +133,9 @@ def _forvalue(loss_on: str, route: str, normalize: str = "none", precondition: s
 
 
 def _exact(name: str, loss_on: str, normalize: str = "none", precondition: str | None = None,
-           source: str = "valid", warm: bool = False) -> Method:
+           source: str = "valid", warm: bool = False, skip: bool = False) -> Method:
     """A For-Value method on the reference route, with its pairwise twin for the metrics."""
-    options = dict(normalize=normalize, precondition=precondition, source=source, warm=warm)
+    options = dict(normalize=normalize, precondition=precondition, source=source, warm=warm, skip=skip)
     return Method(name, _forvalue(loss_on, "reference", **options), "exact", loss_on=loss_on,
                   uses_warm=warm, pairwise=_forvalue(loss_on, "pairwise", **options))
 
@@ -139,6 +145,17 @@ def _preconditioned() -> tuple[Method, ...]:
         _exact(f"forvalue-{loss_on}-precond-{source}{'-cosine' * cosine}{'-warm' * warm}", loss_on,
                "cosine" if cosine else "none", "input", source, warm)
         for loss_on in LOSS_ON for source in SOURCES for cosine in (False, True) for warm in (False, True))
+
+
+def _skip() -> tuple[Method, ...]:
+    """The skip readout with the paper's value, and with the validation-side preconditioner;
+    by default only with both (forvalue select's default), to keep ``--task all`` short."""
+    return tuple(
+        replace(
+            _exact(f"forvalue-{loss_on}{'-precond-valid' * precond}{'-cosine' * cosine}-skip", loss_on,
+                   "cosine" if cosine else "none", "input" if precond else None, skip=True),
+            by_default=precond and cosine)
+        for loss_on in LOSS_ON for precond in (False, True) for cosine in (False, True))
 
 
 def _official(**options: Any) -> Callable[[Context], np.ndarray]:
@@ -185,6 +202,7 @@ METHODS: tuple[Method, ...] = (
     _exact("forvalue-all-cosine", "all", "cosine"),
     _exact("forvalue-response-cosine", "response", "cosine"),
     *_preconditioned(),
+    *_skip(),
     Method("official-total", _official(vocabulary="total_unique"), "official"),
     Method("official-topk5", _official(vocabulary="topk_unique", top_k=5), "official"),
     Method("official-llr0.1", _official(vocabulary="total_unique", lowest_likelihood_ratio=0.1),
@@ -211,7 +229,7 @@ def methods_for(task: Task, names: list[str] | None, *, images: bool = False) ->
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHOD_NAMES)}")
     names = names or (list(IMAGE_TASK_METHODS) if images else None)
-    chosen = [m for m in METHODS if names is None or m.name in names]
+    chosen = [m for m in METHODS if m.name in names] if names else [m for m in METHODS if m.by_default]
     text_only = [m.name for m in chosen if images and not m.takes_images]
     if text_only:
         raise ValueError(f"{text_only} cannot value samples with images (they read the text only); "

@@ -34,6 +34,7 @@ from .runner import ModelRunner
 from .samples import SampleError, sample_id_of
 from .scheduler import QueueFull
 from .scoring import ReferenceBuilder
+from .skip import with_skip_readout
 
 
 class EngineOverloaded(RuntimeError):
@@ -86,7 +87,7 @@ class AsyncEngine:
 
     def __init__(self, model: ValuationModel, config: ValuationConfig | None = None, **options: Any) -> None:
         self.config = (config or ValuationConfig.for_command("serve")).replace(**options)
-        self.model = model
+        self.model = model = with_skip_readout(model, self.config.skip_depth)
         self.core = EngineCore(model, self.config)
         self.registry = ReferenceRegistry(self.core.math)
         self.default_covariance = OWN_SAMPLES

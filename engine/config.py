@@ -47,6 +47,10 @@ class ValuationConfig:
                                 "covariance of the hidden states that enter G", choices=PRECONDITIONERS)
     damping: float | None = _option(None, "lambda = damping * tr(A) / d (default: 0.01 when A comes "
                                     "from the validation set, 0.1 otherwise)")
+    skip_depth: float | None = _option(None, "also read the residual stream at this fraction of the "
+                                       "layers (0.75: layer round(0.75 L)): G gains the block "
+                                       "sum e_t r_t^T of a zero-initialised skip readout; default: "
+                                       "the paper's G", commands=FORWARD)
     append_eos: bool = _option(False, "append the tokenizer's EOS to prompt/response samples",
                                commands=LABELLING)
     max_length: int | None = _option(None, "truncate longer samples (keeps the start) instead of "
@@ -82,6 +86,9 @@ class ValuationConfig:
             raise ValueError(f"damping must be > 0, got {self.damping}")
         if self.damping is not None and self.precondition is None:
             raise ValueError("damping is an option of precondition='input'")
+        if self.skip_depth is not None and not 0 < self.skip_depth < 1:
+            raise ValueError(f"skip_depth must be between 0 and 1 (a fraction of the layers), "
+                             f"got {self.skip_depth}")
         if not self.max_queue_delay >= 0:
             raise ValueError(f"max_queue_delay must be >= 0 seconds, got {self.max_queue_delay}")
 

@@ -25,6 +25,7 @@ from .version import __version__
 
 if TYPE_CHECKING:
     from .images import ImageLimits
+    from .skip import SkipStates
     from .vision import ImageInputs, Vision
 
 
@@ -45,6 +46,8 @@ class ValuationModel:
     identity: dict[str, str] = field(default_factory=dict)
     causal_lm: torch.nn.Module | None = None  # the whole model (LoRA warm-up), never run to value
     vision: Vision | None = None  # an image-text model's processor and image tokens
+    skip: SkipStates | None = None  # the skip readout's states beside the final ones (engine/skip.py)
+    derived: dict[Any, ValuationModel] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -68,10 +71,18 @@ class ValuationModel:
                       images: ImageInputs | None = None) -> torch.Tensor:
         """Final (post-norm) hidden states, ``(batch, length, d)``; the LM head never runs.
         ``images``: one sample's image inputs."""
-        out = self.backbone(input_ids=input_ids.to(self.device),
-                            attention_mask=attention_mask.to(self.device), use_cache=False,
-                            **self.image_inputs(images))
-        return out.last_hidden_state
+        return self.backbone_states(input_ids=input_ids.to(self.device),
+                                    attention_mask=attention_mask.to(self.device), use_cache=False,
+                                    **self.image_inputs(images))
+
+    def backbone_states(self, **inputs: Any) -> torch.Tensor:
+        """The states the head reads, ``(batch, length, d)``, from one backbone call: its last
+        hidden states, with the skip readout's beside them (``2d``) when the model has one."""
+        if self.skip is None:
+            return self.backbone(**inputs).last_hidden_state
+        with self.skip.capture() as skip_states:
+            final = self.backbone(**inputs).last_hidden_state
+            return torch.cat([final, skip_states().to(final.dtype)], dim=-1)
 
     def image_inputs(self, images: ImageInputs | None) -> dict[str, torch.Tensor]:
         """A sample's image inputs as keyword arguments: on the device, pixels in the model's dtype."""

@@ -145,8 +145,7 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _forward_single(model: ValuationModel, ids: list[int]) -> torch.Tensor:
     with _FORWARD_LOCK:
-        out = model.backbone(input_ids=torch.tensor([ids], device=model.device), use_cache=False)
-    return out.last_hidden_state[0]
+        return model.backbone_states(input_ids=torch.tensor([ids], device=model.device), use_cache=False)[0]
 
 
 def _packed_inputs(samples: Sequence[Sequence[int]],
@@ -170,9 +169,8 @@ def _forward_row(model: ValuationModel, samples: Sequence[Sequence[int]], mode: 
     ids, positions, segments = _packed_inputs(samples, model.device)
     name = register(mode)
     with _FORWARD_LOCK, _attention_implementation(model.backbone, name):
-        out = model.backbone(input_ids=ids, position_ids=positions, use_cache=False,
-                             **packed_kwargs(mode, segments))
-    return out.last_hidden_state[0]
+        return model.backbone_states(input_ids=ids, position_ids=positions, use_cache=False,
+                                     **packed_kwargs(mode, segments))[0]
 
 
 @contextmanager
@@ -320,10 +318,10 @@ class ModelRunner:
         ids = _to_device(torch.tensor([request.sample.input_ids[chunk.start:chunk.end]]), device)
         positions = torch.arange(chunk.start, chunk.end, device=device).unsqueeze(0)
         with _FORWARD_LOCK:
-            out = self.model.backbone(input_ids=ids, position_ids=positions, use_cache=True,
-                                      **{self._cache_keyword: request.kv_cache})
+            hidden = self.model.backbone_states(input_ids=ids, position_ids=positions, use_cache=True,
+                                                **{self._cache_keyword: request.kv_cache})
         piece = (request.sample, 0, chunk.start, chunk.num_tokens)
-        partial, finite = _gather(out.last_hidden_state[0], [piece])[0]
+        partial, finite = _gather(hidden[0], [piece])[0]
         request.partial_states.append(partial)
         # The earlier chunks were finite, or the request would have finished with them.
         if not finite or chunk.is_last:

@@ -25,6 +25,7 @@ from .reference import Reference
 from .request import Request
 from .samples import SampleError, root_of, where_of
 from .scoring import ReferenceBuilder, ResidentReference
+from .skip import with_skip_readout
 
 ROUTES = ("auto", "gram", "outer")
 CovarianceSource = Covariance | Sequence[dict] | None
@@ -52,7 +53,7 @@ class Valuator:
         named = {key: value for key, value in (("loss_on", loss_on), ("normalize", normalize))
                  if value is not None}
         self.config = (config or ValuationConfig()).replace(**named, **options)
-        self.model = model
+        self.model = model = with_skip_readout(model, self.config.skip_depth)
         self.math = LabelMath(model, self.config.backend)
         self._last_resident: ResidentReference | None = None
         self.errors = _check_errors(errors)

@@ -98,6 +98,6 @@ def test_downstream_runs_the_methods_asked_for(model_dir, tmp_path):
     result = run_eval(_args("--task", "downstream-facts", "--model", str(model_dir), "--out", str(tmp_path),
                             "--seeds", "1", "--methods", "random,oracle-clean", "--no-plots"))
     assert list(result["methods"]) == ["random", "oracle-clean"]
-    with pytest.raises(SystemExit, match="unknown downstream method.*lora-tracin"):
+    with pytest.raises(SystemExit, match=r"unknown downstream method.*lora-tracin"):
         run_eval(_args("--task", "downstream", "--model", str(model_dir), "--out", str(tmp_path),
                        "--methods", "random,lora-tracin"))
