@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .methods import SKIP_DEPTH
 from .tasks import corrupt, qa_pair, qa_sample, with_ids
 
 # Pool, validation, held-out; fine-tuning steps of batch 4 (three passes over a 20% selection).
@@ -39,8 +40,10 @@ DOWNSTREAM_SIZES = {"small": (20, 4, 6, 3), "full": (120, 16, 24, 18)}
 BUDGET = 0.2
 CORRUPT_SHARE = 0.4
 SELECTORS = ("forvalue-response", "forvalue-response-precond-valid-cosine",
-             "forvalue-response-precond-valid-cosine-round-robin", "lora-less", "random", "pool",
-             "oracle-clean")
+             "forvalue-response-precond-valid-cosine-round-robin",
+             "forvalue-response-precond-valid-cosine-skip",
+             "forvalue-response-precond-valid-cosine-skip-round-robin",
+             "lora-less", "random", "pool", "oracle-clean")
 ROUND_ROBIN = "-round-robin"  # the validation samples take their best in turn (engine/ranking.py)
 
 
@@ -109,7 +112,9 @@ def _values(model: Any, task: DownstreamTask, method: str, lora_rank: int,
         grads = baselines.lora_gradients(model, task.pool, task.valid, loss_on="response", rank=lora_rank)
         return baselines.less_values(grads).mean(axis=1)
     options = {"precondition": "input"} if "-precond-valid" in method else {}
-    normalize = "cosine" if method.endswith("-cosine") else "none"
+    if method.endswith("-skip"):
+        options["skip_depth"] = SKIP_DEPTH
+    normalize = "cosine" if method.removesuffix("-skip").endswith("-cosine") else "none"
     valuator = Valuator(model, loss_on="response", normalize=normalize, progress=False, **options)
     if pairwise:
         return valuator.pairwise(task.pool, task.valid)

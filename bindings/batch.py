@@ -40,6 +40,8 @@ class PairwiseValid:
 def memory_estimate(model: ValuationModel, mode: str, batch_tokens: int, n_valid: int) -> str:
     """A rough peak-memory figure printed before a job starts (weights, reference, work)."""
     weights = sum(p.numel() * p.element_size() for p in model.backbone.parameters())
+    if model.skip is not None:  # the skip readout's head [W, 0] is a copy of its own
+        weights += model.head_weight.numel() * model.head_weight.element_size()
     head = model.head_weight.numel() * 4
     reference = head * (2 if mode == "reference" else 0)  # the fp32 sum and its mean
     # activations of one forward batch (a few d-wide and MLP-wide buffers per token) and

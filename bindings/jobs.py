@@ -127,5 +127,5 @@ def _open_job(args: argparse.Namespace, command: str, mode: str) -> tuple[Valuat
     model = load_model(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
     valuator = Valuator(model, config=config, covariance=covariance, progress=False)
     print(f"forvalue: {len(train)} training samples; "
-          + memory_estimate(model, mode, config.batch_tokens, 0), file=sys.stderr)
+          + memory_estimate(valuator.model, mode, config.batch_tokens, 0), file=sys.stderr)
     return valuator, train
