@@ -107,8 +107,9 @@ class ValuationConfig:
 
 # Where users pick data (forvalue select, forvalue demo): the forward-only variant that measured
 # best across the quality tasks (bench/results/quality.md): the preconditioned value with A from
-# the validation set, cosine-normalised. The Valuator's own default stays the paper's value.
-DATA_SELECTION = {"precondition": "input", "normalize": "cosine"}
+# the validation set, cosine-normalised, with the skip readout at 3/4 of the depth. The
+# Valuator's own default stays the paper's value.
+DATA_SELECTION = {"precondition": "input", "normalize": "cosine", "skip_depth": 0.75}
 
 # Per-command defaults, each with its reason.
 COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
