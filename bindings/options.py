@@ -16,7 +16,7 @@ from typing import Any
 
 from forvalue.engine.config import ValuationConfig
 
-NONE = "none"  # how the command line spells a None choice (precondition)
+NONE = "none"  # how the command line spells None (a choice: precondition; a number: skip_depth)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,15 +82,31 @@ def _argument(field: dataclasses.Field, default: Any) -> dict[str, Any]:
     if choices is not None:
         choices = [NONE if choice is None else choice for choice in choices]
         default = NONE if default is None else default
-    if default is not None:
+    value_type = _value_type(field)
+    if default is not None and choices is None and type(None) in typing.get_args(_hint(field)):
+        value_type = _or_none(value_type)  # a command's default that may be turned off
+        help_text += f" (default: %(default)s; {NONE}: off)"
+    elif default is not None:
         help_text += " (default: %(default)s)"
-    return {"type": _value_type(field), "choices": choices, "default": default, "help": help_text}
+    return {"type": value_type, "choices": choices, "default": default, "help": help_text}
+
+
+def _hint(field: dataclasses.Field) -> Any:
+    return typing.get_type_hints(ValuationConfig)[field.name]
 
 
 def _value_type(field: dataclasses.Field) -> type:
     """int for ``int`` and ``int | None``, and so on."""
-    hint = typing.get_type_hints(ValuationConfig)[field.name]
+    hint = _hint(field)
     return next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+
+
+def _or_none(value_type: type) -> Any:
+    def parse(text: str) -> Any:
+        return None if text == NONE else value_type(text)
+
+    parse.__name__ = value_type.__name__  # argparse names the type in its error message
+    return parse
 
 
 # Older keyword spellings (the flag aliases without their dashes) -> field names.

@@ -81,6 +81,9 @@ class Covariance:
                  if key != "model_name" and self.identity.get(key) != value]
         if self.source.get("loss_on", loss_on) != loss_on:
             diffs.append(f"loss_on: covariance has {self.source['loss_on']!r}, valuation uses {loss_on!r}")
+        if self.identity.get("skip_depth") != identity.get("skip_depth"):
+            diffs.append("build it with the same skip_depth (--skip-depth), or value with that of the "
+                         "covariance (--skip-depth none for none)")
         if diffs:
             raise CovarianceMismatch("this covariance was built differently and cannot be used: "
                                      + "; ".join(diffs))

@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import CHATML, make_tokenizer
 
-from forvalue.bench.eval import METHOD_NAMES, add_eval_arguments, run_eval
+from forvalue.bench.eval import add_eval_arguments, run_eval
+from forvalue.bench.methods import METHODS
 
 from tiny_models import tiny_model
 
@@ -33,7 +34,9 @@ def test_mislabeled_every_method_writes_results_and_plots(model_dir, tmp_path):
     written = json.loads((tmp_path / "results.json").read_text())
     assert written == json.loads(json.dumps(result))
     assert written["task"] == "mislabeled" and written["model"] == str(model_dir)
-    assert set(written["methods"]) == set(METHOD_NAMES)
+    defaults = {m.name for m in METHODS if m.by_default}
+    assert set(written["methods"]) == defaults
+    assert "forvalue-response-precond-valid-cosine-skip" in written["methods"]  # select's default
     for entry in written["methods"].values():
         for key in ("auc_mean", "auc_std", "recall_mean", "seconds", "peak_mb"):
             assert np.isfinite(entry[key]), key
@@ -48,7 +51,7 @@ def test_mislabeled_every_method_writes_results_and_plots(model_dir, tmp_path):
         assert 0 <= written["methods"][name]["per_class_auc_mean"] <= 1, name
     for png in ("roc.png", "distributions.png", "time_auc.png"):
         assert (tmp_path / png).stat().st_size > 0
-    assert set(np.load(tmp_path / "values.npz").files) == set(METHOD_NAMES)
+    assert set(np.load(tmp_path / "values.npz").files) == defaults
 
 
 def test_identification_runs_the_chosen_methods_per_pair(model_dir, tmp_path):

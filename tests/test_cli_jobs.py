@@ -63,7 +63,7 @@ def test_shards_merge_and_select(workdir, capsys):
     assert main(["select", "--model", str(workdir / "model"), "--dtype", "float64", "--train",
                  str(workdir / "train.jsonl"), "--valid", str(workdir / "valid.jsonl"),
                  "--ratio", "0.1", "--out", str(selected),
-                 "--precondition", "none", "--normalize", "none"]) == 0  # score's options
+                 "--precondition", "none", "--normalize", "none", "--skip-depth", "none"]) == 0  # score's
     rows = [json.loads(x) for x in selected.read_text().splitlines()]
     whole = (workdir / "whole.jsonl").read_text().splitlines()
     values = {r["id"]: r["value"] for r in map(json.loads, whole)}
@@ -77,7 +77,7 @@ def test_shards_merge_and_select(workdir, capsys):
     assert main(["select", "--model", str(workdir / "model"), "--dtype", "float64", "--train",
                  str(workdir / "train.jsonl"), "--valid", str(workdir / "valid.jsonl"), "--ratio", "0.1",
                  "--out", str(workdir / "spread.jsonl"), "--strategy", "round-robin",
-                 "--precondition", "none", "--normalize", "none"]) == 0
+                 "--precondition", "none", "--normalize", "none", "--skip-depth", "none"]) == 0
     spread = [json.loads(x)["id"] for x in (workdir / "spread.jsonl").read_text().splitlines()]
     assert spread == [pairs[i]["id"] for i in expected]
     assert set(spread) != {r["id"] for r in rows}  # not the same as the top by mean value

@@ -57,16 +57,16 @@ def test_covariance_then_score_and_select_with_it(workdir, capsys):
     selected = workdir / "selected.jsonl"
     assert main(["select", *model_args(workdir), "--train", str(workdir / "train.jsonl"),
                  "--valid", str(workdir / "valid.jsonl"), "--ratio", "0.25", "--out", str(selected),
-                 "--normalize", "none", *options]) == 0
+                 "--normalize", "none", "--skip-depth", "none", *options]) == 0  # the readout off
     chosen = [json.loads(line)["id"] for line in selected.read_text().splitlines()]
     assert chosen == [TRAIN[i]["id"] for i in sorted(np.argsort(-expected)[:3])]
 
 
-def test_select_defaults_to_the_preconditioned_cosine_value(workdir):
+def test_select_defaults_to_the_preconditioned_cosine_value_with_the_readout(workdir):
     selected = workdir / "default.jsonl"
     assert main(["select", *model_args(workdir), "--train", str(workdir / "train.jsonl"),
                  "--valid", str(workdir / "valid.jsonl"), "--ratio", "0.25", "--out", str(selected)]) == 0
-    v = Valuator(loaded(workdir), normalize="cosine", precondition="input", progress=False)
+    v = Valuator(loaded(workdir), normalize="cosine", precondition="input", skip_depth=0.75, progress=False)
     expected = v.score(TRAIN, v.reference(VALID))
     chosen = [json.loads(line)["id"] for line in selected.read_text().splitlines()]
     assert chosen == [TRAIN[i]["id"] for i in sorted(np.argsort(-expected)[:3])]

@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from forvalue.engine import Reference, ReferenceMismatch, ValuationConfig, Valuator, load_model
+from forvalue.engine import (
+    CovarianceMismatch,
+    Reference,
+    ReferenceMismatch,
+    ValuationConfig,
+    Valuator,
+    load_model,
+)
 from forvalue.engine.skip import skip_layer
 
 from tiny_models import random_samples, tiny_model
@@ -131,3 +138,10 @@ def test_image_text_models_read_their_language_model():
         skip = Valuator(model, skip_depth=0.5, progress=False).model.skip
         name = next(n for n, module in model.backbone.named_modules() if module is skip.block)
         assert name.endswith("_model.layers.0"), (family, name)  # not the vision tower's
+
+
+def test_a_covariance_keeps_its_readout():
+    model = load_model(tiny_model("untied", seed=49), dtype=torch.float64)
+    plain = Valuator(model, precondition="input", progress=False).covariance(random_samples(3, seed=50))
+    with pytest.raises(CovarianceMismatch, match="same skip_depth"):
+        Valuator(model, precondition="input", skip_depth=0.75, covariance=plain, progress=False)
