@@ -145,3 +145,21 @@ def test_a_covariance_keeps_its_readout():
     plain = Valuator(model, precondition="input", progress=False).covariance(random_samples(3, seed=50))
     with pytest.raises(CovarianceMismatch, match="same skip_depth"):
         Valuator(model, precondition="input", skip_depth=0.75, covariance=plain, progress=False)
+
+
+def test_the_serving_engine_values_with_the_readout():
+    import asyncio
+
+    from forvalue.engine.async_engine import AsyncEngine
+
+    model = load_model(tiny_model("untied", seed=54), dtype=torch.float64)
+    train, valid = random_samples(5, seed=55, max_len=40), random_samples(3, seed=56)
+    v = Valuator(model, skip_depth=0.5, progress=False)
+    expected = v.score(train, v.reference(valid))
+
+    async def main():
+        async with AsyncEngine(model, skip_depth=0.5, batch_tokens=16) as engine:  # chunks too
+            await engine.build_reference("valid", valid)
+            return await asyncio.gather(*[engine.score(s, "valid") for s in train])
+
+    np.testing.assert_allclose([r.value for r in asyncio.run(main())], expected, rtol=1e-10)
