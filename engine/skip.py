@@ -59,14 +59,11 @@ class SkipStates:
 
 
 def skip_layer(depth: float, num_layers: int) -> int:
-    """The decoder layer at ``depth`` (a fraction of the network), 1-based; never the last,
-    whose normed output is the final state itself."""
-    if not 0 < depth < 1:
-        raise ValueError(f"skip_depth must be between 0 and 1 (a fraction of the layers), got {depth}")
-    layer = min(max(1, round(depth * num_layers)), num_layers - 1)
-    if layer < 1:
+    """The decoder layer at ``depth`` (a fraction of the network, checked by ValuationConfig),
+    1-based; never the last, whose normed output is the final state itself."""
+    if num_layers < 2:
         raise ValueError(f"skip_depth needs a model of two layers or more, this one has {num_layers}")
-    return layer
+    return min(max(1, round(depth * num_layers)), num_layers - 1)
 
 
 def find_skip_states(backbone: torch.nn.Module, depth: float) -> SkipStates:
