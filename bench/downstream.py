@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .methods import SKIP_DEPTH
-from .tasks import corrupt, qa_pair, qa_sample, with_ids
+from .methods import METHODS, Context
+from .tasks import Task, corrupt, qa_pair, qa_sample, with_ids
 
 # Pool, validation, held-out; fine-tuning steps of batch 4 (three passes over a 20% selection).
 DOWNSTREAM_SIZES = {"small": (20, 4, 6, 3), "full": (120, 16, 24, 18)}
@@ -103,22 +103,16 @@ def select(model: Any, task: DownstreamTask, method: str, seed: int, lora_rank: 
 def _values(model: Any, task: DownstreamTask, method: str, lora_rank: int,
             pairwise: bool = False) -> np.ndarray:
     """Per pool sample, its value against the validation set (``pairwise``, For-Value only:
-    against each validation sample)."""
-    from forvalue.engine import Valuator
-
+    against each validation sample); For-Value methods are ``forvalue eval``'s, by name."""
     from . import baselines
 
     if method == "lora-less":
         grads = baselines.lora_gradients(model, task.pool, task.valid, loss_on="response", rank=lora_rank)
         return baselines.less_values(grads).mean(axis=1)
-    options = {"precondition": "input"} if "-precond-valid" in method else {}
-    if method.endswith("-skip"):
-        options["skip_depth"] = SKIP_DEPTH
-    normalize = "cosine" if method.removesuffix("-skip").endswith("-cosine") else "none"
-    valuator = Valuator(model, loss_on="response", normalize=normalize, progress=False, **options)
-    if pairwise:
-        return valuator.pairwise(task.pool, task.valid)
-    return valuator.score(task.pool, valuator.reference(task.valid))
+    ctx = Context(model, Task("downstream", "selection", task.pool, task.valid, loss_on="response"),
+                  loss_on="response", lora_rank=lora_rank, progress=False)
+    exact = next(m for m in METHODS if m.name == method)
+    return (exact.pairwise if pairwise else exact.run)(ctx)
 
 
 def fine_tune_and_test(model: Any, task: DownstreamTask, chosen: list[int], seed: int,
