@@ -39,8 +39,10 @@ setup(
         "ray": ["ray[data]>=2.40"],
         # forvalue serve --metrics-port: Prometheus /metrics over HTTP
         "metrics": ["prometheus_client>=0.20"],
+        # kernels: Hugging Face's, which transformers 5.2x imports (tests/test_layout_names.py)
         "test": ["pytest>=8", "hypothesis>=6", "triton==3.6.0", "peft>=0.13", "datasets>=2.14",
-                 "grpcio-tools==1.85.1", "ruff>=0.6", "ray[data]>=2.40", "prometheus_client>=0.20"],
+                 "grpcio-tools==1.85.1", "ruff>=0.6", "ray[data]>=2.40", "prometheus_client>=0.20",
+                 "kernels>=0.19"],
     },
     entry_points={"console_scripts": ["forvalue=forvalue.bindings.cli:main"]},
 )

@@ -3,9 +3,7 @@
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ import pytest
 from forvalue.bindings.cli import main
 from forvalue.engine.ranking import round_robin
 
+from child_process import Child
 from jsonl_records import assert_same_records
 from tiny_models import random_samples, tiny_model
 
@@ -37,12 +36,10 @@ def test_sigkill_then_resume_gives_the_clean_output(workdir):
     killed = workdir / "killed.jsonl"
     command = [sys.executable, "-m", "forvalue.bindings.cli",
                *score_args(workdir, killed, "--checkpoint", "1")]
-    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not killed.exists() or killed.read_text().count("\n") < 20):
-        time.sleep(0.01)
-    os.kill(job.pid, signal.SIGKILL)
-    job.wait()
+    with Child(command) as job:
+        job.wait_for(lambda: killed.exists() and killed.read_text().count("\n") >= 20, "20 values")
+        os.kill(job.process.pid, signal.SIGKILL)
+        job.process.wait()
     done_before = killed.read_text().count("\n")
     assert 20 <= done_before < 300, "the kill must land in the middle of the job"
     assert main(score_args(workdir, killed, "--checkpoint", "7")) == 0

@@ -1,0 +1,42 @@
+"""A child process for tests that fails fast: waiting on it gives up as soon as it exits, with
+its stderr in the message, instead of waiting out a long timeout for output that never comes."""
+
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+
+
+class Child:
+    """``subprocess.Popen(args)`` with stderr kept in a temporary file (readable at any time)."""
+
+    def __init__(self, args: list[str], **options) -> None:
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self._stderr, text=True,
+                                        **options)
+
+    def stderr(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read()
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
+        """Poll ``condition`` until it holds; fail at once if the child exits first."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            code = self.process.poll()
+            if code is not None:
+                raise AssertionError(f"the child exited ({code}) before {what}:\n{self.stderr()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {what} after {timeout} s:\n{self.stderr()[-4000:]}")
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self._stderr.close()
+
+    def __enter__(self) -> "Child":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
