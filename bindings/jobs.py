@@ -11,6 +11,7 @@ from forvalue.engine import Valuator, load_model
 from forvalue.engine.readers import read_samples
 
 from .batch import STRATEGIES, memory_estimate, run_score, select_top
+from .job_record import claim_batch_output
 from .options import (
     add_covariance_argument,
     add_model_arguments,
@@ -47,9 +48,10 @@ def run_score_command(args: argparse.Namespace) -> int:
     """``forvalue score``; returns the exit status."""
     if args.ray:
         return print_ray_summary(run_ray_job(args, "score", args.mode, args.out, _fields(args)))
-    shard = Shard.parse(args.shard)
+    shard, files = Shard.parse(args.shard), JobFiles(args.out)
+    claim_batch_output(args, "score", args.mode, files, _fields(args))
     valuator, train = _open_job(args, "score", args.mode)
-    summary = run_score(valuator, train, args.valid, JobFiles(args.out), mode=args.mode, shard=shard,
+    summary = run_score(valuator, train, args.valid, files, mode=args.mode, shard=shard,
                         checkpoint=args.checkpoint, top_k=args.top_k, valid_fields=_fields(args))
     print_summary(summary)
     return 0
@@ -89,6 +91,7 @@ def run_select(args: argparse.Namespace) -> int:
             return 1
         train = read_samples(args.train, fields=_fields(args), split=args.split)
     else:
+        claim_batch_output(args, "select", mode, files, _fields(args))
         valuator, train = _open_job(args, "select", mode)
         run_score(valuator, train, args.valid, files, mode=mode, shard=Shard(0, 1),
                   checkpoint=args.checkpoint, top_k=None, valid_fields=_fields(args))
@@ -107,6 +110,9 @@ def _add_job_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="training samples valued between two saved checkpoints (with --ray: "
                              "rows per actor batch)")
     parser.add_argument("--split", default=None, help="split of a saved DatasetDict")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over when --out holds the values of another job (by default a "
+                             "rerun resumes the same job and refuses another one)")
     for key in FIELD_KEYS:
         parser.add_argument(f"--{key}-field", default=None, metavar="COLUMN",
                             help=f"column holding the sample's {key!r}")

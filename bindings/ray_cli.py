@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from forvalue.engine import Reference
 
+from .job_record import claim_batch_output
 from .options import config_from_args, covariance_from_args
 from .ray_jobs import (
     build_covariance,
@@ -72,9 +73,10 @@ def run_ray_job(args: argparse.Namespace, command: str, mode: str, out: Path,
     check_ray_arguments(args, mode)
     config = config_from_args(args, command)
     covariance = _covariance_path(args, config)
-    ray = init_ray(args.ray_address)
     files = JobFiles(out / "values.jsonl" if args.out_format == "parquet" else out)
     files.out.parent.mkdir(parents=True, exist_ok=True)
+    claim_batch_output(args, command, mode, files, fields)
+    ray = init_ray(args.ray_address)
     options = {"device": args.device, "dtype": args.dtype, "adapter": args.adapter}
     try:
         reference = None

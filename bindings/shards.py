@@ -7,6 +7,7 @@ Light on purpose (no torch, no engine): ``forvalue merge`` starts in a fraction 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .job_record import JobIdentity, JobMismatch, listed, read_record, write_record
 from .report import print_summary
 from .result_log import errors_path, read_complete_lines, write_jsonl_atomic
 
@@ -62,6 +64,16 @@ class JobFiles:
     def topk(self) -> Path:
         return self.out.with_name(self.out.stem + ".topk.jsonl")
 
+    @property
+    def job(self) -> Path:
+        """The identity of the job that writes these files (job_record.py)."""
+        return self.out.with_name(self.out.stem + ".job.json")
+
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        """What the job writes, ``out`` first (removed by ``--overwrite``)."""
+        return self.out, self.errors, self.reference, self.matrix, self.topk
+
 
 def merge_shards(parts: Sequence[str], out: Path) -> dict[str, Any]:
     """Join shard outputs (and their errors files) into one, in input order, checking that
@@ -73,6 +85,7 @@ def merge_shards(parts: Sequence[str], out: Path) -> dict[str, Any]:
             raise FileNotFoundError(f"no such shard output: {part}")
         merged["results"] += read_complete_lines(files.out)
         merged["errors"] += read_complete_lines(files.errors)
+    job = _one_job([JobFiles(Path(part)) for part in parts])
     seen: set[int] = set()
     for record in merged["results"] + merged["errors"]:
         if record["index"] in seen:
@@ -84,7 +97,30 @@ def merge_shards(parts: Sequence[str], out: Path) -> dict[str, Any]:
     write_jsonl_atomic(target.errors, sorted(merged["errors"], key=lambda r: r["index"]))
     if results and "values" in results[0]:
         np.save(target.matrix, np.array([r["values"] for r in results], dtype=np.float64))
+    if job is not None:
+        write_record(target.job, job)
     return {"merged": len(results), "errors": len(merged["errors"]), "out": str(out)}
+
+
+def _one_job(parts: Sequence[JobFiles]) -> JobIdentity | None:
+    """The identity of the merged output: the shards' common one, with the shards listed
+    (None, with a warning, when no shard has a record); shards of different jobs are refused."""
+    recorded = {files.out: read_record(files.job) for files in parts if files.job.exists()}
+    if not recorded:
+        print("forvalue: the shards carry no job records: merged without checking that they are "
+              "shards of one job", file=sys.stderr)
+        return None
+    if len(recorded) < len(parts):
+        missing = next(files.out for files in parts if files.out not in recorded)
+        raise JobMismatch(f"{missing} has no job record, the other shards do: merge the shards of one job")
+    (first, identity), *others = recorded.items()
+    whole = JobIdentity({**identity.compared, "shard": None}, identity.named)
+    for out, other in others:
+        differences = JobIdentity({**other.compared, "shard": None}, other.named).differences(whole)
+        if differences:
+            raise JobMismatch(f"{out} and {first} are shards of different jobs ({listed(differences)})")
+    shards = "+".join(sorted(str(other.compared["shard"]) for other in recorded.values()))
+    return JobIdentity({**identity.compared, "shard": shards}, identity.named)
 
 
 def add_merge_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,9 +20,11 @@ from forvalue.engine.readers import read_samples
 from forvalue.engine.samples import sample_id_of
 
 from .auth import read_token
-from .client import RETRYABLE, Client, ServerError
+from .client import RETRYABLE, Client, ReferenceInfo, ServerError
+from .job_record import claim_output, stream_identity
 from .report import user_error
 from .result_log import ResultLog, errors_path
+from .shards import JobFiles
 from .wire import resolve_image_paths
 
 SYNC_SECONDS = 0.5
@@ -30,38 +32,42 @@ SYNC_SECONDS = 0.5
 
 def stream_file(server: str, reference: str, input_path: str | os.PathLike, out: str | os.PathLike, *,
                 token: str | None = None, tls: bool = False, root_certificates: str | Path | None = None,
-                limit: int | None = None, priority: int = 0, retries: int = 3,
+                limit: int | None = None, priority: int = 0, retries: int = 3, overwrite: bool = False,
                 progress: bool = True) -> dict[str, Any]:
     """Value every sample of ``input_path`` on ``server`` (``host:port``, or replicas as
     ``a:port,b:port``: see replicas.py) against ``reference``, appending
     results to ``out`` (errors to ``OUT.errors.jsonl``). Samples already in either file are
-    skipped, so an interrupted run resumes where it stopped. ``limit``: value at most this many
-    new samples in this run. A call refused as UNAVAILABLE or RESOURCE_EXHAUSTED is retried
+    skipped, so an interrupted run resumes where it stopped; an ``out`` of another job (another
+    input file or reference) is refused unless ``overwrite`` (job_record.py). ``limit``: value
+    at most this many new samples in this run. A call refused as UNAVAILABLE or RESOURCE_EXHAUSTED is retried
     ``retries`` times with backoff, resuming the same way."""
     if limit is not None and limit < 0:
         raise ValueError(f"--limit must be >= 0, got {limit}")
     samples = read_samples(input_path)
     ids = _unique_ids(samples)
-    with ResultLog(Path(out), sync_seconds=SYNC_SECONDS) as log, \
-            Client(server.split(","), token, tls=tls, root_certificates=root_certificates) as client:
-        _check_reference(client, reference)
-        done = log.done("id")
-        todo = [i for i, sample_id in enumerate(ids) if sample_id not in done][:limit]
-        with tqdm(total=len(samples), initial=len(samples) - _remaining(ids, log), unit="sample",
-                  desc=f"stream {Path(input_path).name}", disable=not progress) as bar:
-            for attempt in range(retries + 1):
-                try:
-                    _stream_once(client, reference, samples, ids, todo, log, bar, priority,
-                                 Path(input_path).parent)
-                    break
-                except ServerError as error:
-                    if error.code not in RETRYABLE or attempt == retries:
-                        raise
-                    log.sync()
-                    bar.write(f"forvalue: {error}; retrying in {2 ** attempt} s")
-                    time.sleep(2 ** attempt)
-                    done = log.done("id")
-                    todo = [i for i in todo if ids[i] not in done]
+    files = JobFiles(Path(out))
+    with Client(server.split(","), token, tls=tls, root_certificates=root_certificates) as client:
+        info = _reference_info(client, reference)
+        claim_output(files.job, (files.out, files.errors),
+                     stream_identity(input_path, reference, info.fingerprint), overwrite=overwrite)
+        with ResultLog(files.out, sync_seconds=SYNC_SECONDS) as log:
+            done = log.done("id")
+            todo = [i for i, sample_id in enumerate(ids) if sample_id not in done][:limit]
+            with tqdm(total=len(samples), initial=len(samples) - _remaining(ids, log), unit="sample",
+                      desc=f"stream {Path(input_path).name}", disable=not progress) as bar:
+                for attempt in range(retries + 1):
+                    try:
+                        _stream_once(client, reference, samples, ids, todo, log, bar, priority,
+                                     Path(input_path).parent)
+                        break
+                    except ServerError as error:
+                        if error.code not in RETRYABLE or attempt == retries:
+                            raise
+                        log.sync()
+                        bar.write(f"forvalue: {error}; retrying in {2 ** attempt} s")
+                        time.sleep(2 ** attempt)
+                        done = log.done("id")
+                        todo = [i for i in todo if ids[i] not in done]
     return {"scored": len(log.results), "errors": len(log.errors), "remaining": _remaining(ids, log),
             "out": str(out), "errors_file": str(errors_path(Path(out)))}
 
@@ -99,10 +105,11 @@ def _remaining(ids: list[str], log: ResultLog) -> int:
     return sum(sample_id not in done for sample_id in ids)
 
 
-def _check_reference(client: Client, reference: str) -> None:
-    names = [info.name for info in client.list_references()]
-    if reference not in names:
-        raise ValueError(f"the server has no reference {reference!r}; it has {names or 'none'}")
+def _reference_info(client: Client, reference: str) -> ReferenceInfo:
+    infos = {info.name: info for info in client.list_references()}
+    if reference not in infos:
+        raise ValueError(f"the server has no reference {reference!r}; it has {list(infos) or 'none'}")
+    return infos[reference]
 
 
 def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +132,9 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--priority", type=int, default=0, help="lower runs first on a priority server")
     parser.add_argument("--retries", type=int, default=3,
                         help="retries when the server is unavailable or overloaded (default: 3)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over when --out holds the results of another job (another input "
+                             "file or reference; by default a rerun resumes the same job)")
 
 
 def run_stream(args: argparse.Namespace) -> int:
@@ -132,7 +142,8 @@ def run_stream(args: argparse.Namespace) -> int:
     try:
         summary = stream_file(args.server, args.reference, args.input, args.out,
                               token=read_token(args.token_file), tls=args.tls, root_certificates=args.tls_ca,
-                              limit=args.limit, priority=args.priority, retries=args.retries)
+                              limit=args.limit, priority=args.priority, retries=args.retries,
+                              overwrite=args.overwrite)
     except ServerError as error:
         print(f"forvalue: error: server {args.server}: {error}; rerun the same command to resume",
               file=sys.stderr)

@@ -30,8 +30,11 @@ SERVING = ("serve",)
 
 
 def _option(default: Any, help: str, *, commands: tuple[str, ...] = JOBS, choices: tuple | None = None,
-            aliases: tuple[str, ...] = ()) -> Any:
-    metadata = {"help": help, "commands": commands, "choices": choices, "aliases": aliases}
+            aliases: tuple[str, ...] = (), changes_values: bool = True) -> Any:
+    """A field and its metadata. ``changes_values=False``: the option changes how the work is
+    batched or run, not the values beyond the last bits, so a resumed job may change it."""
+    metadata = {"help": help, "commands": commands, "choices": choices, "aliases": aliases,
+                "changes_values": changes_values}
     return field(default=default, metadata=metadata)
 
 
@@ -56,20 +59,21 @@ class ValuationConfig:
     max_length: int | None = _option(None, "truncate longer samples (keeps the start) instead of "
                                      "refusing them", commands=LABELLING)
     batch_tokens: int = _option(4096, "tokens per forward step", commands=FORWARD,
-                                aliases=("--max-batch-tokens",))
+                                aliases=("--max-batch-tokens",), changes_values=False)
     max_seqs: int = _option(256, "samples per forward step (packed steps of short samples)",
-                            commands=FORWARD)
+                            commands=FORWARD, changes_values=False)
     attention: str = _option("auto", "packed attention per segment (varlen), FlexAttention with a "
                              "document mask (flex), padded length buckets (buckets), or the best "
                              "the model's probe allows on this device (auto)",
-                             commands=FORWARD, choices=ATTENTION_MODES)
+                             commands=FORWARD, choices=ATTENTION_MODES, changes_values=False)
     backend: str = _option("auto", "kernel implementation: Triton on CUDA, chunked torch on CPU "
-                           "(auto), or forced", commands=FORWARD, choices=BACKENDS)
+                           "(auto), or forced", commands=FORWARD, choices=BACKENDS, changes_values=False)
     policy: str = _option("fcfs", "order of waiting requests: first come first served, or by "
-                          "priority (lower first)", commands=SERVING, choices=POLICIES)
-    max_waiting: int | None = _option(None, "bound of the waiting queue (None: unbounded)", commands=())
+                          "priority (lower first)", commands=SERVING, choices=POLICIES, changes_values=False)
+    max_waiting: int | None = _option(None, "bound of the waiting queue (None: unbounded)", commands=(),
+                                      changes_values=False)
     max_queue_delay: float = _option(0.0, "seconds to wait, after a step that answered requests, "
-                                     "for the callers' next samples", commands=())
+                                     "for the callers' next samples", commands=(), changes_values=False)
 
     def __post_init__(self) -> None:
         if self.precondition == "none":  # the CLI's spelling of None
@@ -103,6 +107,11 @@ class ValuationConfig:
 
     def replace(self, **changes: Any) -> ValuationConfig:
         return dataclasses.replace(self, **changes)
+
+    def value_options(self) -> dict[str, Any]:
+        """The options that change the values (not only their last bits): part of a job's identity."""
+        fields = dataclasses.fields(self)
+        return {f.name: getattr(self, f.name) for f in fields if f.metadata["changes_values"]}
 
 
 # Where users pick data (forvalue select, forvalue demo): the forward-only variant that measured

@@ -33,6 +33,7 @@ from forvalue.bindings.server import ServerConfig, ServerLimits, ValuationServer
 from forvalue.bindings.stream_job import add_stream_arguments, run_stream
 from forvalue.engine import Valuator, load_model
 
+from child_process import Child
 from tiny_models import random_samples, tiny_model
 
 BINDINGS = Path(__file__).resolve().parents[1] / "bindings"
@@ -487,23 +488,16 @@ def test_forvalue_serve_refuses_bad_limits_in_one_line(option, message, capsys):
 def test_forvalue_serve_drains_on_sigterm(files, tmp_path):
     folder = tmp_path / "tiny"
     tiny_model("untied", seed=21).save_pretrained(folder)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "forvalue.bindings.cli", "serve", "--model", str(folder), "--port", "0",
-         "--reference", f"valid={files['valid']}", "--dtype", "float64"],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        lines = []
-        while not any("serving on" in line for line in lines):
-            lines.append(process.stderr.readline())
-            assert lines[-1], "".join(lines)
-        address = lines[-1].rsplit(" ", 1)[-1].strip()
-        with Client(address) as client:
+    with Child([sys.executable, "-m", "forvalue.bindings.cli", "serve", "--model", str(folder), "--port",
+                "0", "--reference", f"valid={files['valid']}", "--dtype", "float64"],
+               env={**os.environ, "PYTHONUNBUFFERED": "1"}) as server:
+        server.wait_for(lambda: "serving on" in server.stderr(), "the server listens")
+        serving = next(line for line in server.stderr().splitlines() if "serving on" in line)
+        with Client(serving.rsplit(" ", 1)[-1].strip()) as client:
             assert len(list(client.score_stream(TRAIN[:5], reference="valid"))) == 5
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0
-        assert "draining" in process.stderr.read()
-    finally:
-        process.kill()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(60) == 0
+        assert "draining" in server.stderr()
 
 
 # ---------------------------------------------------------------------- forvalue stream
@@ -543,6 +537,21 @@ def test_forvalue_stream_resumes_without_losing_or_duplicating(shared, tmp_path)
     by_id = {r["id"]: r for r in records}
     for name, value, index in zip(names, values, range(50), strict=True):
         assert by_id[name]["index"] == index and by_id[name]["value"] == pytest.approx(value, rel=1e-6)
+
+
+def test_forvalue_stream_refuses_the_out_of_another_input(shared, tmp_path, capsys):
+    first, second, out = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "values.jsonl"
+    first.write_text("".join(json.dumps(s) + "\n" for s in random_samples(4, seed=8)))
+    second.write_text("".join(json.dumps(s) + "\n" for s in random_samples(4, seed=9)))
+    assert stream_command(shared, first, out) == 0
+    before = out.read_text()
+    assert stream_command(shared, second, out) == 2
+    error = capsys.readouterr().err
+    assert "holds values of another job" in error and "input: recorded" in error and "b.jsonl" in error
+    assert out.read_text() == before
+    assert stream_command(shared, second, out, "--overwrite") == 0
+    assert {json.loads(line)["id"] for line in out.read_text().splitlines()} == \
+        {json.loads(line)["id"] for line in second.read_text().splitlines()}
 
 
 def test_forvalue_stream_reports_an_unknown_reference_and_a_dead_server(shared, tmp_path, capsys):
