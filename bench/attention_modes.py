@@ -23,10 +23,11 @@ import torch
 
 from forvalue.engine import ValuationModel, load_model
 from forvalue.engine.attention import PackingUnsupported
+from forvalue.engine.config import ValuationConfig
 from forvalue.engine.request import Request
 from forvalue.engine.runner import ModelRunner
 from forvalue.engine.samples import EncodedSample
-from forvalue.engine.scheduler import Scheduler, SchedulerConfig
+from forvalue.engine.scheduler import Scheduler
 
 from .throughput import load_average, machine
 
@@ -60,7 +61,7 @@ def _synchronize(device: torch.device) -> None:
 def runner_seconds(runner: ModelRunner, samples: Sequence[EncodedSample], budget: int,
                    max_seqs: int) -> float:
     """Wall seconds to run every sample through a scheduler and the runner."""
-    scheduler = Scheduler(SchedulerConfig(max_batch_tokens=budget, max_seqs=max_seqs))
+    scheduler = Scheduler(ValuationConfig(batch_tokens=budget, max_seqs=max_seqs))
     for index, sample in enumerate(samples):
         scheduler.add(Request(sample, index=index))
     start = time.perf_counter()

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import baselines, metrics
 from .downstream import CORRUPTIONS, SELECTORS
-from .methods import LOSS_ON, METHOD_NAMES, Context, Method, methods_for
+from .methods import LABEL_RULES, METHOD_NAMES, Context, Method, methods_for
 from .tasks import SIZES, TASKS, Task, make_task
 from .throughput import machine
 from .vlm_task import VLM_TASK, make_vlm_task
@@ -247,7 +247,7 @@ def _check_autograd(ctx: Context, results: dict[str, dict], values: dict[str, np
     if "autograd-lastlayer" in values and exact in values:
         results["autograd-lastlayer"]["max_rel_diff_vs_forvalue"] = _relative_difference(
             values["autograd-lastlayer"], values[exact])
-    for loss_on in LOSS_ON:
+    for loss_on in LABEL_RULES:
         pair, ref = f"forvalue-pairwise-{loss_on}", f"forvalue-{loss_on}"
         if pair in values and ref in values:
             results[pair]["max_rel_diff_vs_reference"] = _relative_difference(values[pair], values[ref])
@@ -324,7 +324,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", default="small", choices=SIZES)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task generator")
-    parser.add_argument("--loss-on", default=None, choices=LOSS_ON,
+    parser.add_argument("--loss-on", default=None, choices=LABEL_RULES,
                         help="objective of the official code and gradient baselines "
                              "(default: the task's: all for identification, response otherwise)")
     parser.add_argument("--lora-rank", type=int, default=8)

@@ -25,14 +25,17 @@ from typing import Any
 
 import numpy as np
 
+from forvalue.engine import config
+
 from . import baselines
 from .tasks import Task, sample_text
 
-LOSS_ON = ("all", "response")
+# Both label rules, "all" first (the order of the paper's tables).
+LABEL_RULES = tuple(sorted(config.LOSS_ON))
 SOURCES = ("valid", "train")
-# Depth of the ``-skip`` variants' readout: the scan of docs/design.md ("Skip readout") found
-# three quarters of the layers best among 1/4, 1/2, 3/4 and the layer before the last.
-SKIP_DEPTH = 0.75
+# Depth of the ``-skip`` variants' readout: select's (the scan of docs/design.md, "Skip
+# readout", found three quarters of the layers best among 1/4, 1/2, 3/4 and the one before last).
+SKIP_DEPTH = config.DATA_SELECTION["skip_depth"]
 
 
 @dataclass
@@ -144,7 +147,8 @@ def _preconditioned() -> tuple[Method, ...]:
     return tuple(
         _exact(f"forvalue-{loss_on}-precond-{source}{'-cosine' * cosine}{'-warm' * warm}", loss_on,
                "cosine" if cosine else "none", "input", source, warm)
-        for loss_on in LOSS_ON for source in SOURCES for cosine in (False, True) for warm in (False, True))
+        for loss_on in LABEL_RULES for source in SOURCES
+        for cosine in (False, True) for warm in (False, True))
 
 
 def _skip() -> tuple[Method, ...]:
@@ -155,7 +159,7 @@ def _skip() -> tuple[Method, ...]:
             _exact(f"forvalue-{loss_on}{'-precond-valid' * precond}{'-cosine' * cosine}-skip", loss_on,
                    "cosine" if cosine else "none", "input" if precond else None, skip=True),
             by_default=precond and cosine)
-        for loss_on in LOSS_ON for precond in (False, True) for cosine in (False, True))
+        for loss_on in LABEL_RULES for precond in (False, True) for cosine in (False, True))
 
 
 def _official(**options: Any) -> Callable[[Context], np.ndarray]:

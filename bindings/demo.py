@@ -32,7 +32,6 @@ MODEL = "smollm2-135m"
 # 0.92-0.97 (without the readout 0.93-0.97); cosine alone 0.95-1.00, preconditioned alone
 # 0.72-0.89, the paper's value 0.54-0.87 (bench/results/quality/demo_variants.json); across the
 # quality tasks the combination is best.
-LOSS_ON = "response"
 N_TRAIN, N_VALID, WRONG_SHARE = 60, 15, 0.2
 SHOWN = 3  # samples shown at each end of the ranking
 SHOWN_TOKENS = 3  # tokens shown per sample
@@ -138,7 +137,7 @@ def run_demo(out: str | os.PathLike[str], *, seed: int = 0, model_name: str = MO
     with _timed(seconds, "load"):
         model = load_model(model_name)
     task = make_task(seed)
-    valuator = Valuator(model, config=ValuationConfig.for_command("demo", loss_on=LOSS_ON))
+    valuator = Valuator(model, config=ValuationConfig.for_command("demo"))
     with _timed(seconds, "reference"):
         reference = valuator.reference(task.valid)
     with _timed(seconds, "score"):
@@ -198,9 +197,10 @@ def _row(sample: dict[str, Any], value: float, token_values: Any, tokenizer: Any
 
 def _options() -> dict[str, Any]:
     """How the demo values: the options of forvalue select, on response tokens."""
-    from forvalue.engine.config import COMMAND_DEFAULTS
+    from forvalue.engine.config import COMMAND_DEFAULTS, ValuationConfig
 
-    return {"loss_on": LOSS_ON, **COMMAND_DEFAULTS["demo"]}
+    config = ValuationConfig.for_command("demo")
+    return {"loss_on": config.loss_on, **{key: getattr(config, key) for key in COMMAND_DEFAULTS["demo"]}}
 
 
 def _summary(model_name: str, seed: int, task: DemoTask, auc: float,

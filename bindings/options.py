@@ -54,19 +54,31 @@ def add_valuation_arguments(parser: argparse.ArgumentParser, command: str) -> No
     defaults = ValuationConfig.for_command(command)
     group = parser.add_argument_group("valuation options")
     for field in _fields(command):
-        names = ["--" + field.name.replace("_", "-"), *field.metadata["aliases"]]
-        group.add_argument(*names, dest=field.name, **_argument(field, getattr(defaults, field.name)))
+        suffix, per_unit = field.metadata["flag_unit"] or ("", 1)
+        names = ["--" + field.name.replace("_", "-") + (f"-{suffix}" if suffix else ""),
+                 *field.metadata["aliases"]]
+        default = getattr(defaults, field.name)
+        extra = {"metavar": names[0].lstrip("-").replace("-", "_").upper()} if suffix else {}
+        group.add_argument(*names, dest=field.name, **extra,
+                           **_argument(field, default if per_unit == 1 else default * per_unit))
 
 
 def config_from_args(args: argparse.Namespace, command: str) -> ValuationConfig:
     """The ValuationConfig of parsed flags (checked: a bad value raises ValueError)."""
-    return ValuationConfig.for_command(command, **{f.name: getattr(args, f.name) for f in _fields(command)})
+    return ValuationConfig.for_command(command, **{f.name: _in_field_unit(f, getattr(args, f.name))
+                                                   for f in _fields(command)})
 
 
 def config_from_options(command: str, options: Mapping[str, Any]) -> ValuationConfig:
     """The ValuationConfig of keyword options, which may use a field's alias
     (``max_batch_tokens`` for ``batch_tokens``), as callers of the older keywords do."""
     return ValuationConfig.for_command(command, **{_ALIASES.get(k, k): v for k, v in options.items()})
+
+
+def _in_field_unit(field: dataclasses.Field, value: Any) -> Any:
+    """A flag's value in its field's unit (``flag_unit``: milliseconds to seconds)."""
+    unit = field.metadata["flag_unit"]
+    return value if unit is None or value is None else value / unit[1]
 
 
 def _fields(command: str) -> list[dataclasses.Field]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from forvalue.engine import load_model
-from forvalue.engine.config import COMMAND_DEFAULTS, ValuationConfig
+from forvalue.engine.config import ValuationConfig
 
 from .auth import read_token
 from .metrics_http import MetricsServer
@@ -30,9 +30,6 @@ from .wire import REFERENCE_NAME
 
 log = logging.getLogger("forvalue.server")
 
-# The flag counts milliseconds, the config seconds.
-DEFAULT_QUEUE_DELAY_MS = COMMAND_DEFAULTS["serve"]["max_queue_delay"] * 1000
-
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``forvalue serve``."""
@@ -47,10 +44,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "a saved .safetensors Reference (repeatable)")
     add_valuation_arguments(parser, "serve")
     add_covariance_argument(parser)
-    parser.add_argument("--max-queue-delay-ms", type=float, default=DEFAULT_QUEUE_DELAY_MS,
-                        help="after a step that answered requests, wait this long for the callers' "
-                             "next samples before starting the next step (fuller steps, a little "
-                             f"latency; default: {DEFAULT_QUEUE_DELAY_MS:g})")
     parser.add_argument("--token-file", type=Path,
                         help="file holding the bearer token every call must carry (or set "
                              "FORVALUE_TOKEN); without either, calls are not authenticated")
@@ -83,7 +76,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """``forvalue serve``: serve until SIGTERM or SIGINT, then drain; returns the exit status."""
     _log_to_stderr()
     try:
-        config, valuation = _server_config(args), _valuation_config(args)
+        config, valuation = _server_config(args), config_from_args(args, "serve")
         references = dict(_parse_reference_spec(spec) for spec in args.reference)
         threads = torch_threads(args.threads)
     except USER_ERRORS as error:
@@ -123,13 +116,6 @@ def torch_threads(requested: int | None = None) -> int:
     if requested < 1:
         raise ValueError(f"--threads must be at least 1, got {requested}")
     return requested
-
-
-def _valuation_config(args: argparse.Namespace) -> ValuationConfig:
-    # Checked here, not only by the config, so that the message names the flag and its unit.
-    if not args.max_queue_delay_ms >= 0:
-        raise ValueError(f"--max-queue-delay-ms must be >= 0, got {args.max_queue_delay_ms:g}")
-    return config_from_args(args, "serve").replace(max_queue_delay=args.max_queue_delay_ms / 1000)
 
 
 def _parse_reference_spec(spec: str) -> tuple[str, Path]:

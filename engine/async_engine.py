@@ -34,7 +34,6 @@ from .runner import ModelRunner
 from .samples import SampleError, sample_id_of
 from .scheduler import QueueFull
 from .scoring import ReferenceBuilder
-from .skip import with_skip_readout
 
 
 class EngineOverloaded(RuntimeError):
@@ -87,8 +86,8 @@ class AsyncEngine:
 
     def __init__(self, model: ValuationModel, config: ValuationConfig | None = None, **options: Any) -> None:
         self.config = (config or ValuationConfig.for_command("serve")).replace(**options)
-        self.model = model = with_skip_readout(model, self.config.skip_depth)
         self.core = EngineCore(model, self.config)
+        self.model = self.core.model
         self.registry = ReferenceRegistry(self.core.math)
         self.default_covariance = OWN_SAMPLES
         self._requests: dict[int, Request] = {}

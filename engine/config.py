@@ -30,11 +30,14 @@ SERVING = ("serve",)
 
 
 def _option(default: Any, help: str, *, commands: tuple[str, ...] = JOBS, choices: tuple | None = None,
-            aliases: tuple[str, ...] = (), changes_values: bool = True) -> Any:
+            aliases: tuple[str, ...] = (), changes_values: bool = True,
+            flag_unit: tuple[str, float] | None = None) -> Any:
     """A field and its metadata. ``changes_values=False``: the option changes how the work is
-    batched or run, not the values beyond the last bits, so a resumed job may change it."""
+    batched or run, not the values beyond the last bits, so a resumed job may change it.
+    ``flag_unit=(suffix, per_unit)``: the flag counts in another unit, ``--name-suffix`` with
+    ``per_unit`` of them to one unit of the field (milliseconds for seconds: ``("ms", 1000)``)."""
     metadata = {"help": help, "commands": commands, "choices": choices, "aliases": aliases,
-                "changes_values": changes_values}
+                "changes_values": changes_values, "flag_unit": flag_unit}
     return field(default=default, metadata=metadata)
 
 
@@ -52,8 +55,8 @@ class ValuationConfig:
                                     "from the validation set, 0.1 otherwise)")
     skip_depth: float | None = _option(None, "also read the residual stream at this fraction of the "
                                        "layers (0.75: layer round(0.75 L)): G gains the block "
-                                       "sum e_t r_t^T of a zero-initialised skip readout; default: "
-                                       "the paper's G", commands=FORWARD)
+                                       "sum e_t r_t^T of a zero-initialised skip readout",
+                                       commands=FORWARD)
     append_eos: bool = _option(False, "append the tokenizer's EOS to prompt/response samples",
                                commands=LABELLING)
     max_length: int | None = _option(None, "truncate longer samples (keeps the start) instead of "
@@ -72,8 +75,10 @@ class ValuationConfig:
                           "priority (lower first)", commands=SERVING, choices=POLICIES, changes_values=False)
     max_waiting: int | None = _option(None, "bound of the waiting queue (None: unbounded)", commands=(),
                                       changes_values=False)
-    max_queue_delay: float = _option(0.0, "seconds to wait, after a step that answered requests, "
-                                     "for the callers' next samples", commands=(), changes_values=False)
+    max_queue_delay: float = _option(0.0, "after a step that answered requests, wait this long for the "
+                                     "callers' next samples before starting the next step (fuller "
+                                     "steps, a little latency)", commands=SERVING, changes_values=False,
+                                     flag_unit=("ms", 1000))
 
     def __post_init__(self) -> None:
         if self.precondition == "none":  # the CLI's spelling of None
@@ -84,7 +89,7 @@ class ValuationConfig:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         _check_positive("batch_tokens", self.batch_tokens)
         _check_positive("max_seqs", self.max_seqs)
-        _check_positive("max_length", self.max_length)
+        check_max_length(self.max_length)
         _check_positive("max_waiting", self.max_waiting)
         if self.damping is not None and not self.damping > 0:
             raise ValueError(f"damping must be > 0, got {self.damping}")
@@ -94,7 +99,8 @@ class ValuationConfig:
             raise ValueError(f"skip_depth must be between 0 and 1 (a fraction of the layers), "
                              f"got {self.skip_depth}")
         if not self.max_queue_delay >= 0:
-            raise ValueError(f"max_queue_delay must be >= 0 seconds, got {self.max_queue_delay}")
+            raise ValueError(f"max_queue_delay must be >= 0 (seconds; --max-queue-delay-ms on the command "
+                             f"line), got {self.max_queue_delay:g}")
 
     @classmethod
     def metadata(cls, name: str) -> dict[str, Any]:
@@ -129,6 +135,12 @@ COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
     # closed-loop callers (next sample sent on the previous result) join the next step.
     "serve": {"batch_tokens": 2048, "max_seqs": 128, "max_queue_delay": 0.002},
 }
+
+
+def check_max_length(value: int | None) -> None:
+    """The one rule for ``max_length``: None, or an integer of at least 2 (one token has no label)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+        raise ValueError(f"max_length must be an integer >= 2 (one token has no label), got {value!r}")
 
 
 def _check_positive(name: str, value: int | None) -> None:

@@ -31,8 +31,9 @@ from .outputs import Finished, RunnerOutput, StepOutput
 from .request import Request
 from .runner import ModelRunner
 from .samples import EncodedSample, encode_sample
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import Scheduler
 from .scoring import ReferenceBuilder, ResidentReference
+from .skip import with_skip_readout
 from .vision import ImageSamples
 
 
@@ -56,15 +57,20 @@ class BuildTask:
 class EngineCore:
     """One resident model, its scheduler and runner, and the step that drives them."""
 
-    def __init__(self, model: ValuationModel, config: ValuationConfig, math: LabelMath | None = None) -> None:
-        self.model = model
+    def __init__(self, model: ValuationModel, config: ValuationConfig) -> None:
+        # Made ready here, once for both front ends: the skip readout, when asked for, is part
+        # of the model every route values with (its states [h, r] and head [W, 0]).
+        self.model = model = with_skip_readout(model, config.skip_depth)
         self.config = config
         self.runner = ModelRunner(model, attention=config.attention, batch_tokens=config.batch_tokens)
-        self.scheduler = Scheduler(SchedulerConfig(
-            max_batch_tokens=config.batch_tokens, max_seqs=config.max_seqs, policy=config.policy,
-            max_waiting=config.max_waiting))
-        self.math = math or LabelMath(model, config.backend)
+        self.scheduler = Scheduler(config)
+        self.math = LabelMath(model, config.backend)
         self._lock = threading.Lock()
+
+    def reset(self) -> None:
+        """Drop every queued request (what a run that raised midway left behind)."""
+        with self._lock:
+            self.scheduler = Scheduler(self.config)
 
     # ------------------------------------------------------------------ admission
 

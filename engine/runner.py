@@ -39,13 +39,13 @@ from contextlib import contextmanager
 import torch
 
 from .attention import PackedSegments, PackingUnsupported, has_flash_varlen, packed_kwargs, register
+from .config import ATTENTION_MODES
 from .model import ValuationModel
 from .outputs import LabelStates, RunnerOutput
 from .request import PartialStates, Request
 from .samples import EncodedSample, SampleError
 from .scheduler import ScheduledChunk, SchedulerOutput
 
-ATTENTION_MODES = ("auto", "varlen", "flex", "buckets")
 PACKED_MODES = ("varlen", "flex")
 # Probe lengths: ragged, and one longer than a small sliding window.
 _PROBE_LENGTHS = (9, 3, 14, 37)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .chat import IMAGE_KEYS, assistant_spans, check_messages, render
 from .chat import InvalidSample as _Invalid
 from .chat import quoted as _quoted
+from .config import LOSS_ON, check_max_length
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -32,7 +33,6 @@ FORMS: dict[str, frozenset[str]] = {
     "input_ids/labels": frozenset({"input_ids", "labels"}),
 }
 OPTIONAL_KEYS = frozenset({"id", "meta"})
-LOSS_ON = ("response", "all")
 IGNORE_INDEX = -100  # Hugging Face's "not a label"
 
 _FORM_KEYS = frozenset().union(*FORMS.values())
@@ -170,9 +170,8 @@ def encode_sample(
 def _check_options(loss_on: str, max_length: int | None) -> None:
     # Caller mistakes (not sample mistakes): plain ValueError, never collected.
     if loss_on not in LOSS_ON:
-        raise ValueError(f"loss_on must be 'response' or 'all', got {loss_on!r}")
-    if max_length is not None and (not _is_int(max_length) or max_length < 2):
-        raise ValueError(f"max_length must be an integer >= 2 (one token has no label), got {max_length!r}")
+        raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+    check_max_length(max_length)
 
 
 def _sample_id(sample: Any) -> str | None:

@@ -4,8 +4,8 @@ Modelled on vLLM v1's scheduler, without a decode phase (valuation is prefill on
 
 - waiting requests are ordered first come first served, or by priority then arrival;
 - a *packed step* takes whole requests in that order (skipping those that do not fit the
-  room left) until ``max_batch_tokens`` or ``max_seqs`` is reached;
-- a request longer than ``max_batch_tokens`` is *chunked*: it runs its chunks alone, one
+  room left) until ``batch_tokens`` or ``max_seqs`` is reached;
+- a request longer than ``batch_tokens`` is *chunked*: it runs its chunks alone, one
   step each, its KV cache carried between them (the budget bounds activations, not the
   cache). Chunk steps alternate with packed steps, so a long sample never blocks short ones
   and short ones never starve a long one. One chunked request runs at a time, which bounds
@@ -21,10 +21,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .config import ValuationConfig
 from .outputs import RunnerOutput
 from .request import Request, RequestStatus
 
-POLICIES = ("fcfs", "priority")
 # A packed step looks past requests that do not fit the room left, but only this many, so
 # that scheduling stays cheap with a long queue.
 LOOKAHEAD = 256
@@ -32,22 +32,6 @@ LOOKAHEAD = 256
 
 class QueueFull(RuntimeError):
     """The waiting queue holds ``max_waiting`` requests already."""
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_batch_tokens: int = 2048
-    max_seqs: int = 128
-    policy: str = "fcfs"
-    max_waiting: int | None = None  # None: unbounded (offline jobs that hold their samples anyway)
-
-    def __post_init__(self) -> None:
-        if self.max_batch_tokens < 1 or self.max_seqs < 1:
-            raise ValueError("max_batch_tokens and max_seqs must be positive")
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.max_waiting is not None and self.max_waiting < 1:
-            raise ValueError("max_waiting must be positive (or None for no bound)")
 
 
 @dataclass(frozen=True)
@@ -85,7 +69,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    """Its limits are the config's: ``batch_tokens`` and ``max_seqs`` per step, ``policy``,
+    ``max_waiting`` (None: unbounded, for offline jobs that hold their samples anyway)."""
+
+    def __init__(self, config: ValuationConfig) -> None:
         self.config = config
         self._waiting: list[Request] = []  # sorted by self._order
         self._chunked: Request | None = None  # the long request between its chunks
@@ -209,18 +196,18 @@ class Scheduler:
     def _schedule_chunk(self, output: SchedulerOutput) -> None:
         request = self._chunked
         start = request.num_computed_tokens
-        end = min(request.num_tokens, start + self.config.max_batch_tokens)
+        end = min(request.num_tokens, start + self.config.batch_tokens)
         output.chunks.append(ScheduledChunk(request, start, end))
         output.is_chunk_step = True
 
     def _schedule_packed(self, output: SchedulerOutput) -> None:
-        budget, max_seqs = self.config.max_batch_tokens, self.config.max_seqs
+        budget, max_seqs = self.config.batch_tokens, self.config.max_seqs
         taken: set[int] = set()
         skipped = 0
         for position, request in enumerate(self._waiting):
             if len(output.chunks) == max_seqs or budget == 0 or skipped > LOOKAHEAD:
                 break
-            if request.num_tokens > self.config.max_batch_tokens:
+            if request.num_tokens > self.config.batch_tokens:
                 if self._chunked is None:  # the next long request starts its chunks
                     self._chunked = request
                     request.status = RequestStatus.RUNNING

@@ -17,7 +17,7 @@ from forvalue import kernels
 
 from .config import ERRORS, ValuationConfig
 from .core import BuildTask, EngineCore, ScoreTask
-from .label_math import LabelMath, gram_is_cheaper, hidden_gram, stack
+from .label_math import gram_is_cheaper, hidden_gram, stack
 from .model import ValuationModel
 from .outputs import Finished, LabelStates, TokenValues
 from .precondition import Covariance, MomentAccumulator, Preconditioner, resolve_damping
@@ -25,7 +25,6 @@ from .reference import Reference
 from .request import Request
 from .samples import SampleError, root_of, where_of
 from .scoring import ReferenceBuilder, ResidentReference
-from .skip import with_skip_readout
 
 ROUTES = ("auto", "gram", "outer")
 CovarianceSource = Covariance | Sequence[dict] | None
@@ -53,8 +52,9 @@ class Valuator:
         named = {key: value for key, value in (("loss_on", loss_on), ("normalize", normalize))
                  if value is not None}
         self.config = (config or ValuationConfig()).replace(**named, **options)
-        self.model = model = with_skip_readout(model, self.config.skip_depth)
-        self.math = LabelMath(model, self.config.backend)
+        self.core = EngineCore(model, self.config)
+        self.model = model = self.core.model  # with the skip readout, when asked for
+        self.math = self.core.math
         self._last_resident: ResidentReference | None = None
         self.errors = _check_errors(errors)
         self.progress = progress
@@ -172,7 +172,8 @@ class Valuator:
         """Admit every sample, then step to completion; yields each step's finished requests.
         Bad samples raise or are collected into ``failures``."""
         mode = _check_errors(errors or self.errors)
-        core = EngineCore(self.model, self.config, math=self.math)
+        core = self.core
+        core.reset()
         if self.model.tokenizer is None and any(_needs_tokenizer(s) for s in samples):
             raise ValueError("the model was loaded without a tokenizer; pass tokenizer= to "
                              "load_model or give pre-tokenised samples")

@@ -8,6 +8,7 @@ Before the guard, each of these imports returned the repository's folder instead
 transformers 5.2x, which imports Hugging Face's ``kernels``, failed from the root)."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -76,8 +77,14 @@ def test_pytest_collects_from_the_root():
 def test_a_wheel_holds_every_module_and_imports_from_the_root(tmp_path):
     """A non-editable install: the wheel built from the repository has every source module
     under ``forvalue/``, and imports from it while the root is first on ``sys.path``."""
+    source = tmp_path / "source"  # a copy, so that the build leaves nothing in the repository
+    for folder in FOLDERS:
+        shutil.copytree(ROOT / folder, source / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "results"))
+    for name in ("setup.py", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                            "-q", "-w", str(tmp_path / "dist"), str(ROOT)],
+                            "-q", "-w", str(tmp_path / "dist"), str(source)],
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
     (wheel,) = (tmp_path / "dist").glob("forvalue-*.whl")

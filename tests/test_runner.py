@@ -19,12 +19,13 @@ from transformers import (
 from forvalue.engine import attention as attention_module
 from forvalue.engine import load_model
 from forvalue.engine import runner as runner_module
+from forvalue.engine.config import ValuationConfig
 from forvalue.engine.label_math import LabelMath
 from forvalue.engine.outputs import LabelStates
 from forvalue.engine.request import Request
 from forvalue.engine.runner import ModelRunner, PackingUnsupported
 from forvalue.engine.samples import EncodedSample, SampleError
-from forvalue.engine.scheduler import Scheduler, SchedulerConfig
+from forvalue.engine.scheduler import Scheduler
 
 from tiny_models import SIZES, VOCAB, tiny_model
 
@@ -73,7 +74,7 @@ def per_sample_states(model, sample):
 
 def run(runner, samples, budget, max_seqs=64):
     """Every sample through a scheduler and the runner; label states in sample order."""
-    scheduler = Scheduler(SchedulerConfig(max_batch_tokens=budget, max_seqs=max_seqs))
+    scheduler = Scheduler(ValuationConfig(batch_tokens=budget, max_seqs=max_seqs))
     for index, sample in enumerate(samples):
         scheduler.add(Request(sample, index=index))
     results = {}

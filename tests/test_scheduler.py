@@ -4,9 +4,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from forvalue.engine.config import ValuationConfig
 from forvalue.engine.request import Request, RequestStatus
 from forvalue.engine.samples import EncodedSample
-from forvalue.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
+from forvalue.engine.scheduler import QueueFull, Scheduler
 
 
 def request(length: int, *, priority: int = 0, deadline: float | None = None, name: str = "") -> Request:
@@ -31,7 +32,7 @@ def run_all(scheduler: Scheduler, limit: int = 10_000) -> list[Request]:
 
 
 def test_packed_steps_fill_the_budget_in_arrival_order():
-    scheduler = Scheduler(SchedulerConfig(max_batch_tokens=10, max_seqs=8))
+    scheduler = Scheduler(ValuationConfig(batch_tokens=10, max_seqs=8))
     reqs = [request(n) for n in (4, 4, 4, 2)]
     for r in reqs:
         scheduler.add(r)
@@ -43,14 +44,14 @@ def test_packed_steps_fill_the_budget_in_arrival_order():
 
 
 def test_max_seqs_caps_a_step():
-    scheduler = Scheduler(SchedulerConfig(max_batch_tokens=100, max_seqs=2))
+    scheduler = Scheduler(ValuationConfig(batch_tokens=100, max_seqs=2))
     for _ in range(5):
         scheduler.add(request(3))
     assert [len(run_step(scheduler)[0].chunks) for _ in range(3)] == [2, 2, 1]
 
 
 def test_long_request_is_chunked_and_alternates_with_packed_steps():
-    scheduler = Scheduler(SchedulerConfig(max_batch_tokens=8, max_seqs=4))
+    scheduler = Scheduler(ValuationConfig(batch_tokens=8, max_seqs=4))
     long = request(20, name="long")
     scheduler.add(long)
     shorts = [request(3) for _ in range(4)]
@@ -69,7 +70,7 @@ def test_long_request_is_chunked_and_alternates_with_packed_steps():
 
 
 def test_full_queue_is_refused():
-    scheduler = Scheduler(SchedulerConfig(max_waiting=2))
+    scheduler = Scheduler(ValuationConfig(max_waiting=2))
     scheduler.add(request(3))
     scheduler.add(request(3))
     with pytest.raises(QueueFull):
@@ -78,7 +79,7 @@ def test_full_queue_is_refused():
 
 
 def test_priority_then_arrival():
-    scheduler = Scheduler(SchedulerConfig(max_batch_tokens=4, max_seqs=1, policy="priority"))
+    scheduler = Scheduler(ValuationConfig(batch_tokens=4, max_seqs=1, policy="priority"))
     low = [request(3, priority=5, name=f"low{i}") for i in range(3)]
     high = [request(3, priority=0, name=f"high{i}") for i in range(2)]
     for r in low + high:
@@ -87,7 +88,7 @@ def test_priority_then_arrival():
 
 
 def test_fcfs_ignores_priority():
-    scheduler = Scheduler(SchedulerConfig(max_batch_tokens=4, max_seqs=1))
+    scheduler = Scheduler(ValuationConfig(batch_tokens=4, max_seqs=1))
     reqs = [request(3, priority=-i) for i in range(4)]
     for r in reqs:
         scheduler.add(r)
@@ -97,7 +98,7 @@ def test_fcfs_ignores_priority():
 def test_nothing_starves_under_a_stream_of_short_requests():
     # A request as large as the budget, and a long chunked one, both queued behind a stream
     # of short requests that keeps arriving: each still finishes within a few steps.
-    scheduler = Scheduler(SchedulerConfig(max_batch_tokens=8, max_seqs=8))
+    scheduler = Scheduler(ValuationConfig(batch_tokens=8, max_seqs=8))
     scheduler.add(request(2))
     medium, long = request(8, name="medium"), request(30, name="long")
     scheduler.add(medium)
@@ -113,7 +114,7 @@ def test_nothing_starves_under_a_stream_of_short_requests():
 
 
 def test_cancel_frees_a_waiting_a_chunked_and_an_in_flight_request():
-    scheduler = Scheduler(SchedulerConfig(max_batch_tokens=4, max_seqs=4))
+    scheduler = Scheduler(ValuationConfig(batch_tokens=4, max_seqs=4))
     waiting, chunked = request(3), request(10)
     scheduler.add(chunked)
     output = scheduler.schedule(0.0)  # the chunked request runs its first chunk
@@ -136,7 +137,7 @@ def test_cancel_frees_a_waiting_a_chunked_and_an_in_flight_request():
 
 
 def test_deadlines_expire_waiting_and_chunked_requests():
-    scheduler = Scheduler(SchedulerConfig(max_batch_tokens=4, max_seqs=1))
+    scheduler = Scheduler(ValuationConfig(batch_tokens=4, max_seqs=1))
     soon = request(3, deadline=1.0)
     scheduler.add(soon)
     output = scheduler.schedule(2.0)
@@ -163,7 +164,7 @@ operations = st.lists(st.one_of(
 @given(budget=st.integers(2, 24), max_seqs=st.integers(1, 6), policy=st.sampled_from(["fcfs", "priority"]),
        ops=operations)
 def test_budgets_hold_and_every_request_ends_exactly_once(budget, max_seqs, policy, ops):
-    scheduler = Scheduler(SchedulerConfig(max_batch_tokens=budget, max_seqs=max_seqs, policy=policy,
+    scheduler = Scheduler(ValuationConfig(batch_tokens=budget, max_seqs=max_seqs, policy=policy,
                                           max_waiting=20))
     admitted: list[Request] = []
     ended: dict[int, str] = {}
