@@ -14,7 +14,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from forvalue.engine.atomic import write_atomically
 from forvalue.engine.ranking import roc_auc
 
 MODEL = "smollm2-135m"
@@ -221,25 +221,13 @@ def _write_outputs(out: Path, task: DemoTask, rows: list[dict[str, Any]], auc: f
         ("values.png", lambda f: _plot(f, rows, auc, summary), True),
     ]
     for name, write, binary in outputs:
-        _write_atomic(out / name, write, binary=binary)
+        write_atomically(out / name, write, binary=binary)
     return [out / name for name, _, _ in outputs]
 
 
 def _write_jsonl(file: IO[str], records: list[dict[str, Any]]) -> None:
     for record in records:
         file.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-def _write_atomic(path: Path, write: Callable[[IO[Any]], None], *, binary: bool) -> None:
-    """Write to a temporary file next to ``path``, then rename: readers never see half a file."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as file:
-            write(file)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 def _plot(file: IO[bytes], rows: list[dict[str, Any]], auc: float, summary: dict[str, Any]) -> None:

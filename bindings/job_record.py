@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from forvalue.engine.atomic import write_atomically
 from forvalue.engine.config import ValuationConfig
 from forvalue.engine.version import __version__
 
@@ -95,13 +96,8 @@ def read_record(path: Path) -> JobIdentity:
 def write_record(path: Path, identity: JobIdentity) -> None:
     """Written whole or not at all (a temporary file, fsynced, renamed over ``path``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with tmp.open("w", encoding="utf-8") as file:
-        json.dump(identity.to_json(), file, indent=1, sort_keys=True)
-        file.write("\n")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
+    text = json.dumps(identity.to_json(), indent=1, sort_keys=True) + "\n"
+    write_atomically(path, lambda file: file.write(text))
 
 
 def batch_identity(args: Any, command: str, mode: str, config: ValuationConfig,

@@ -17,6 +17,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from forvalue.engine.atomic import write_atomically
+
 
 def errors_path(out: Path) -> Path:
     """Where the per-sample errors of ``out`` go."""
@@ -90,7 +92,6 @@ def read_complete_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def write_jsonl_atomic(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    """Write all of ``records`` or nothing (a temporary file renamed over ``path``)."""
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
+    """Write all of ``records`` or nothing."""
+    lines = [json.dumps(record, allow_nan=True) + "\n" for record in records]
+    write_atomically(path, lambda file: file.writelines(lines))

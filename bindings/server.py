@@ -57,7 +57,6 @@ DEFAULT_PORT = 50051
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Valuation"].full_name
 
 
-UNACCEPTED = "requests without a result were not accepted: resend them"
 
 
 @dataclass(frozen=True)

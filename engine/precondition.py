@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import replace_atomically
 from .version import __version__
 
 COVARIANCE_FORMAT = "forvalue.covariance/1"
@@ -105,9 +106,8 @@ class Covariance:
     def save(self, path: str | os.PathLike) -> None:
         metadata = {"format": COVARIANCE_FORMAT, "tokens": str(self.tokens),
                     "identity": json.dumps(self.identity), "source": json.dumps(self.source)}
-        tmp = f"{os.fspath(path)}.partial"
-        save_file({"moment_sum": self.moment_sum.detach().cpu().contiguous()}, tmp, metadata)
-        os.replace(tmp, path)  # never leave a half-written file behind
+        tensors = {"moment_sum": self.moment_sum.detach().cpu().contiguous()}
+        replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Covariance:

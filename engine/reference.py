@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import replace_atomically
 from .config import NORMALIZATIONS
 from .precondition import Preconditioner
 from .version import __version__
@@ -140,9 +141,7 @@ class Reference:
             metadata.update(precondition=self.precondition, damping=repr(self.damping),
                             tokens=str(self.tokens), covariance=self.covariance)
             tensors["moment_sum"] = self.moment_sum.detach().cpu().to(torch.float64).contiguous()
-        tmp = f"{os.fspath(path)}.partial"
-        save_file(tensors, tmp, metadata)
-        os.replace(tmp, path)  # never leave a half-written reference behind
+        replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Reference:
