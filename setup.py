@@ -2,9 +2,13 @@
 
 import re
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
+# The top-level folders are forvalue.engine and so on; their rooms (folders with an __init__.py)
+# come along. bench/experiments (scripts, no __init__.py) is not installed.
 SUBPACKAGES = ("engine", "kernels", "bindings", "bench")
+PACKAGES = [f"forvalue.{name}{'.' + room if room else ''}" for name in SUBPACKAGES
+            for room in ["", *find_packages(name)]]
 
 setup(
     name="forvalue",
@@ -13,7 +17,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[f"forvalue.{name}" for name in SUBPACKAGES],
+    packages=PACKAGES,
     package_dir={f"forvalue.{name}": name for name in SUBPACKAGES},
     install_requires=[
         "torch>=2.4",

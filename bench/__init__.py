@@ -1,5 +1,6 @@
-"""Benchmarks of the kernels, the engine and the server, and the evaluation product
-(``forvalue eval``: tasks, methods, baselines); results in bench/results/."""
+"""The evaluation product (``evals``: ``forvalue eval``'s tasks, methods and baselines) and the
+performance benchmarks (``perf``); results in bench/results/, one-off diagnoses in
+bench/experiments/ (scripts, not installed)."""
 
 if __name__ != "forvalue.bench":  # reached as `bench` through the repository root: kernels/toplevel.py
     from runpy import run_path

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Check the compiled Triton kernels against their torch twins, then run the kernel benchmark;
-# or, with --e2e, run the whole engine at real model shapes (bench/gpu_e2e.py).
+# or, with --e2e, run the whole engine at real model shapes (bench/perf/gpu_e2e.py).
 #
 #   bench/gpu_check.sh DIR                  CUDA machine with torch and triton: ~4 minutes
 #   bench/gpu_check.sh DIR --e2e            CUDA, also transformers: the engine's CUDA tests and
 #                                           the compiled kernels' tests, then the end-to-end run:
 #                                           under 7 minutes
 #   bench/gpu_check.sh DIR --profile        CUDA: the engine's CUDA tests, then where its time
-#                                           goes (bench/gpu_profile.py): ~3 minutes
+#                                           goes (bench/perf/gpu_profile.py): ~3 minutes
 #   bench/gpu_check.sh DIR [--e2e|--profile] --dry-run  CPU, tiny shapes (kernels in the Triton
 #                                           interpreter): under a minute (CI); never into
 #                                           bench/results/, since its numbers are no results
@@ -90,10 +90,10 @@ if [[ -n $e2e || -n $profile ]]; then
     fi
     if [[ -n $e2e ]]; then
         echo "== end to end: the engine against Hugging Face forwards"
-        "$python" -m forvalue.bench.gpu_e2e --out "$out" ${dry_run:+--dry-run}
+        "$python" -m forvalue.bench.perf.gpu_e2e --out "$out" ${dry_run:+--dry-run}
     else
         echo "== profile: where the engine's time goes"
-        "$python" -m forvalue.bench.gpu_profile --out "$out" ${dry_run:+--dry-run}
+        "$python" -m forvalue.bench.perf.gpu_profile --out "$out" ${dry_run:+--dry-run}
     fi
     exit
 fi
@@ -112,4 +112,4 @@ echo "== correctness: compiled kernels against their torch twins"
 "$python" -m pytest -q -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$out/pytest.log"
 
 echo "== benchmark"
-"$python" -m forvalue.bench.kernels --out "$out" "${bench[@]}"
+"$python" -m forvalue.bench.perf.kernels --out "$out" "${bench[@]}"

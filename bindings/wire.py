@@ -86,7 +86,7 @@ class ReferenceOptions:
 
 def sample_id(sample: Mapping[str, Any], position: int) -> str:
     """The name a result carries: the sample's own "id" (a string or an integer), else its
-    position. The engine's rule (``forvalue.engine.samples.sample_id_of``), restated because
+    position. The engine's rule (``forvalue.engine.inputs.samples.sample_id_of``), restated because
     the client SDK does not import the engine (torch)."""
     own = sample.get("id")
     if isinstance(own, str) or (isinstance(own, int) and not isinstance(own, bool)):

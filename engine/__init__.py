@@ -1,4 +1,6 @@
-"""The For-Value engine: model loading, samples, valuation, the serving loop.
+"""The For-Value engine: samples in (``inputs``), the resident model (``model``), the math of a
+value (``valuation``), the engine core (``core``), and its two front ends: the offline
+``Valuator`` (``valuator.py``) and the serving loop (``serving``).
 
 Names are imported on first use, so that ``forvalue.engine.version`` and the light modules
 (configuration, ranking) load without torch.
@@ -17,16 +19,16 @@ else:
     from .version import __version__
 
     _EXPORTS = {
-        "AsyncEngine": "async_engine", "EngineClosed": "async_engine", "EngineOverloaded": "async_engine",
-        "ScoreHandle": "async_engine",
+        "AsyncEngine": "serving.async_engine", "EngineClosed": "serving.async_engine",
+        "EngineOverloaded": "serving.async_engine", "ScoreHandle": "serving.answers",
         "ValuationConfig": "config",
-        "ModelError": "model", "ValuationModel": "model", "load_model": "model",
+        "ModelError": "model.loading", "ValuationModel": "model.loading", "load_model": "model.loading",
         "EngineStats": "outputs", "ReferenceInfo": "outputs", "ScoreResult": "outputs",
-        "TokenValues": "outputs",
-        "Covariance": "precondition", "CovarianceMismatch": "precondition",
-        "Reference": "reference", "ReferenceMismatch": "reference",
-        "EncodedSample": "samples", "SampleError": "samples", "SampleList": "samples",
-        "read_jsonl": "readers",
+        "TokenValues": "outputs", "Valuation": "outputs",
+        "Covariance": "valuation.precondition", "CovarianceMismatch": "valuation.precondition",
+        "Reference": "valuation.reference", "ReferenceMismatch": "valuation.reference",
+        "EncodedSample": "inputs.samples", "SampleError": "inputs.samples", "SampleList": "inputs.samples",
+        "read_jsonl": "inputs.readers",
         "Valuator": "valuator",
     }
 

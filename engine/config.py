@@ -2,7 +2,7 @@
 
 The Valuator, the engine core, the serving loop and every command of the CLI take their
 options from ``ValuationConfig``; the CLI builds its flags from the field metadata below
-(``forvalue.bindings.options``), so an option has one name, one default and one check.
+(``forvalue.bindings.cli.options``), so an option has one name, one default and one check.
 A command that needs another default declares it once, here, with its reason
 (``COMMAND_DEFAULTS``).
 """
@@ -10,6 +10,7 @@ A command that needs another default declares it once, here, with its reason
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +53,7 @@ class ValuationConfig:
     precondition: str | None = _option(None, "input: the inner product under (A + lambda I)^-1, A the "
                                 "covariance of the hidden states that enter G", choices=PRECONDITIONERS)
     damping: float | None = _option(None, "lambda = damping * tr(A) / d (default: 0.01 when A comes "
-                                    "from the validation set, 0.1 otherwise)")
+                                    "from the validation set, 0.1 otherwise)", commands=(*JOBS, "eval"))
     skip_depth: float | None = _option(None, "also read the residual stream at this fraction of the "
                                        "layers (0.75: layer round(0.75 L)): G gains the block "
                                        "sum e_t r_t^T of a zero-initialised skip readout",
@@ -110,6 +111,14 @@ class ValuationConfig:
     def for_command(cls, command: str, **options: Any) -> ValuationConfig:
         """The config of ``command`` (its declared defaults, then ``options``)."""
         return cls(**{**COMMAND_DEFAULTS.get(command, {}), **options})
+
+    @classmethod
+    def from_options(cls, command: str, options: Mapping[str, Any]) -> ValuationConfig:
+        """The config of ``command`` from keyword options, which may use a field's alias without
+        its dashes (``max_batch_tokens`` for ``batch_tokens``), as callers of older keywords do."""
+        aliases = {alias.lstrip("-").replace("-", "_"): f.name
+                   for f in dataclasses.fields(cls) for alias in f.metadata["aliases"]}
+        return cls.for_command(command, **{aliases.get(key, key): value for key, value in options.items()})
 
     def replace(self, **changes: Any) -> ValuationConfig:
         return dataclasses.replace(self, **changes)

@@ -15,10 +15,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .samples import EncodedSample
-
 if TYPE_CHECKING:
-    from .request import Request
+    from .core.request import Request
+    from .inputs.samples import EncodedSample
 
 
 @dataclass
@@ -45,6 +44,18 @@ class TokenValues:
     def of(cls, states: LabelStates, scores: torch.Tensor) -> TokenValues:
         return cls(np.asarray(states.positions), states.labels.cpu().numpy(),
                    scores.double().cpu().numpy())
+
+
+@dataclass(frozen=True)
+class Valuation:
+    """Values of a Valuator call in one type, whatever went wrong with some samples: ``values``
+    (numpy float64; NaN where a sample failed: ``(n,)``, or ``(n_train, n_valid)`` for pairs),
+    the ``errors`` of those samples (SampleError, each with its ``index``), and per-token
+    contributions when asked for (None in a failed sample's slot)."""
+
+    values: np.ndarray
+    errors: list = field(default_factory=list)  # list[SampleError]
+    token_values: list[TokenValues | None] | None = None
 
 
 @dataclass

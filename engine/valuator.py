@@ -2,7 +2,7 @@
 
 ``G(x) = sum_t m_t e_t h_t^T`` is never built per training sample: scores run through the
 vocabulary-chunked kernels, which need only the label tokens' final hidden states. Every
-method is a loop over the engine core's step (engine/core.py), the path the server uses.
+method is a loop over the engine core's step (engine/core/engine_core.py), the path the server uses.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import torch
 from forvalue import kernels
 
 from .config import ERRORS, ValuationConfig
-from .core import BuildTask, EngineCore, ScoreTask
-from .label_math import gram_is_cheaper, hidden_gram, stack
-from .model import ValuationModel
-from .outputs import Finished, LabelStates, TokenValues
-from .precondition import Covariance, MomentAccumulator, Preconditioner, resolve_damping
-from .reference import Reference
-from .request import Request
-from .samples import SampleError, root_of, where_of
-from .scoring import ReferenceBuilder, ResidentReference
+from .core.engine_core import BuildTask, EngineCore, ScoreTask
+from .core.request import Request
+from .inputs.samples import SampleError, root_of, where_of
+from .model.loading import ValuationModel
+from .outputs import Finished, LabelStates, TokenValues, Valuation
+from .valuation.label_math import gram_is_cheaper, hidden_gram, stack
+from .valuation.precondition import Covariance, MomentAccumulator, Preconditioner, resolve_damping
+from .valuation.reference import Reference
+from .valuation.scoring import ReferenceBuilder, ResidentReference
 
 ROUTES = ("auto", "gram", "outer")
 CovarianceSource = Covariance | Sequence[dict] | None
@@ -102,6 +102,21 @@ class Valuator:
                 if token_values:
                     tokens[item.request.index] = TokenValues.of(item.states, item.token_scores)
         return self._result(errors, failures, values, *([tokens] if token_values else []))
+
+    def score_result(self, samples: Sequence[dict], reference: Reference, *,
+                     token_values: bool = False) -> Valuation:
+        """``score`` as one Valuation (values, errors, and token values when asked for)."""
+        values, *tokens, errors = self.score(samples, reference, token_values=token_values, errors="collect")
+        return Valuation(values, errors, tokens[0] if tokens else None)
+
+    def pairwise_result(self, train: Sequence[dict], valid: Sequence[dict], *,
+                        route: str = "auto") -> Valuation:
+        """``pairwise`` as one Valuation (an error names its sample and side)."""
+        return Valuation(*self.pairwise(train, valid, route=route, errors="collect"))
+
+    def self_value_result(self, samples: Sequence[dict]) -> Valuation:
+        """``self_value`` as one Valuation."""
+        return Valuation(*self.self_value(samples, errors="collect"))
 
     def _resident(self, reference: Reference) -> ResidentReference:
         """``Gbar`` (or ``Gbar P``) of ``reference`` on the device, kept for the next call with

@@ -21,9 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ValuationConfig
-from .model import ModelError, ValuationModel
-from .runner import right_padded
-from .samples import EncodedSample, encode_sample, where_of
+from .core.runner import right_padded
+from .inputs.samples import EncodedSample, encode_sample, where_of
+from .model.loading import ModelError, ValuationModel
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

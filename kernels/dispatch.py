@@ -19,7 +19,7 @@ Backend = Literal["auto", "torch", "triton"]
 BACKENDS = ("auto", "torch", "triton")
 Impl = TypeVar("Impl", bound=Callable)
 
-# op -> largest token count at which bench/kernels.py measured the torch twin faster than the
+# op -> largest token count at which bench/perf/kernels.py measured the torch twin faster than the
 # Triton kernel on CUDA (bf16). Empty: on an H200 (bench/results/kernels.md) the twin was 3-15x
 # slower than Triton for every op and shape measured.
 TORCH_FASTER: dict[str, int] = {}

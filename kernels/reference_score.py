@@ -27,7 +27,7 @@ def reference_score_torch(H: torch.Tensor, W: torch.Tensor, labels: torch.Tensor
 
 
 # Two 128 x 128 fp32 accumulators (H W^T and H G^T) with 8 warps: the fastest single tile of
-# bench/tune_kernels.py on an H200 across the SmolLM2, Qwen2.5-1.5B and Llama-3-8B shapes
+# bench/perf/tune_kernels.py on an H200 across the SmolLM2, Qwen2.5-1.5B and Llama-3-8B shapes
 # (within 14% of the best tile for each; bench/results/kernels.md).
 SCORE_PARTIALS = KernelConfig(
     gpu=dict(BLOCK_T=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),

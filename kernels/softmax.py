@@ -113,7 +113,7 @@ def softmax_finalise_kernel(H, W, G, labels, bias, stride_b, scale, softcap, par
         tl.store(out_b + rows, label_logit, mask=row_ok)
 
 
-# The fastest single tile of bench/tune_kernels.py on an H200 across the benchmark shapes (within
+# The fastest single tile of bench/perf/tune_kernels.py on an H200 across the benchmark shapes (within
 # 14% of the best tile for each; bench/results/kernels.md).
 LSE_PARTIALS = KernelConfig(
     gpu=dict(BLOCK_T=128, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=3),

@@ -14,7 +14,7 @@ vocab_logsumexp_torch = logsumexp_torch
 
 def _vocab_logsumexp_triton(H: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
                             transform: LogitTransform) -> tuple[torch.Tensor, torch.Tensor]:
-    # LSE_PARTIALS is looked up in this module at each call: bench/tune_kernels.py swaps it here.
+    # LSE_PARTIALS is looked up in this module at each call: bench/perf/tune_kernels.py swaps it here.
     return softmax_over_vocab(H, W, labels, transform, None, LSE_PARTIALS)
 
 

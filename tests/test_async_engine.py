@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forvalue.engine import Valuator, load_model
-from forvalue.engine.async_engine import AsyncEngine, EngineClosed, EngineOverloaded
+from forvalue.engine.serving.async_engine import AsyncEngine, EngineClosed, EngineOverloaded
 
 from tiny_models import random_samples, tiny_model
 

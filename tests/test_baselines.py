@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from forvalue.bench import baselines
+from forvalue.bench.evals import baselines
 from forvalue.engine import Valuator, load_model
 
 from tiny_models import random_samples, tiny_model

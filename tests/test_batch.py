@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from forvalue.bindings.batch import run_score, select_top
-from forvalue.bindings.shards import JobFiles, Shard, merge_shards
+from forvalue.bindings.jobs.batch import run_score, select_top
+from forvalue.bindings.jobs.shards import JobFiles, Shard, merge_shards
 from forvalue.engine import Valuator, load_model
-from forvalue.engine.readers import read_samples
+from forvalue.engine.inputs.readers import read_samples
 
 from jsonl_records import assert_same_records
 from tiny_models import random_samples, tiny_model

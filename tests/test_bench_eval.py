@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import CHATML, make_tokenizer
 
-from forvalue.bench.eval import add_eval_arguments, run_eval
-from forvalue.bench.methods import METHODS
+from forvalue.bench.evals.eval import add_eval_arguments, run_eval
+from forvalue.bench.evals.methods import METHODS
 
 from tiny_models import tiny_model
 
@@ -70,7 +70,7 @@ def test_unknown_method_is_refused(model_dir, tmp_path):
 
 
 def test_per_class_mislabel_auc_counts_clean_samples_of_the_class():
-    from forvalue.bench.metrics import per_class_mislabel_metrics
+    from forvalue.bench.evals.metrics import per_class_mislabel_metrics
 
     classes = np.array([0, 0, 0, 1, 1, 1])
     flipped = np.array([False, False, True, False, False, True])

@@ -6,10 +6,10 @@ import random
 import numpy as np
 import pytest
 
-from forvalue.bench import metrics
-from forvalue.bench.downstream import fact_sample, make_downstream
-from forvalue.bench.sport_terms import SPORT_TEMPLATES, SPORT_TERMS, SPORTS
-from forvalue.bench.tasks import (
+from forvalue.bench.evals import metrics
+from forvalue.bench.evals.downstream import fact_sample, make_downstream
+from forvalue.bench.evals.sport_terms import SPORT_TEMPLATES, SPORT_TERMS, SPORTS
+from forvalue.bench.evals.tasks import (
     CORRUPT_SHARE,
     FILLERS,
     FLIP_SHARE,
@@ -21,7 +21,7 @@ from forvalue.bench.tasks import (
     qa_pair,
     sample_text,
 )
-from forvalue.engine.samples import encode_sample
+from forvalue.engine.inputs.samples import encode_sample
 
 # (train, valid) counts per class at each size; selection: totals.
 SIZES = {

@@ -7,10 +7,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from forvalue.bench import vlm_model
-from forvalue.bench.baselines import mean_hidden_states
-from forvalue.bench.methods import IMAGE_TASK_METHODS, methods_for
-from forvalue.bench.vlm_task import (
+from forvalue.bench.evals import vlm_model
+from forvalue.bench.evals.baselines import mean_hidden_states
+from forvalue.bench.evals.methods import IMAGE_TASK_METHODS, methods_for
+from forvalue.bench.evals.vlm_task import (
     COLOURS,
     SHAPES,
     VLM_CLASSES,

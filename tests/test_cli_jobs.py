@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from forvalue.bindings.cli import main
-from forvalue.engine.ranking import round_robin
+from forvalue.engine.valuation.ranking import round_robin
 
 from child_process import Child
 from jsonl_records import assert_same_records

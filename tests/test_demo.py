@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from forvalue.bindings import cli, demo
+from forvalue.bindings import cli
+from forvalue.bindings.cli import demo
 from forvalue.engine import SampleError
 
 

@@ -2,10 +2,10 @@
 
 import numpy as np
 import torch
+from error_side import values, weights
 
-from forvalue.bench.error_side import values, weights
 from forvalue.engine import Valuator, load_model
-from forvalue.engine.precondition import DAMPING_VALID, Preconditioner
+from forvalue.engine.valuation.precondition import DAMPING_VALID, Preconditioner
 
 from tiny_models import random_samples, tiny_model
 

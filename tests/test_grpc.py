@@ -28,9 +28,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from forvalue.bindings import AsyncClient, Client, ServerError
 from forvalue.bindings import forvalue_pb2 as pb
 from forvalue.bindings import forvalue_pb2_grpc as pb_grpc
-from forvalue.bindings.serve import add_serve_arguments, run_serve
-from forvalue.bindings.server import ServerConfig, ServerLimits, ValuationServer
-from forvalue.bindings.stream_job import add_stream_arguments, run_stream
+from forvalue.bindings.cli.serve import add_serve_arguments, run_serve
+from forvalue.bindings.cli.stream import add_stream_arguments, run_stream
+from forvalue.bindings.server.server import ServerConfig, ServerLimits, ValuationServer
 from forvalue.engine import Valuator, load_model
 
 from child_process import Child

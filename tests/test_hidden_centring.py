@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from hidden_centring import centred_values
 
-from forvalue.bench.hidden_centring import centred_values
 from forvalue.engine import Valuator, load_model
 
 from tiny_models import random_samples, tiny_model

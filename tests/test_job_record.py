@@ -1,4 +1,4 @@
-"""A rerun into the same --out resumes the same job and refuses another one (bindings/job_record.py):
+"""A rerun into the same --out resumes the same job and refuses another one (bindings/jobs/job_record.py):
 another validation set, option, model, adapter or training file under the same name is refused in
 one line; --overwrite starts over; shards of different jobs are not merged."""
 
@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from forvalue.bindings.cli import main
-from forvalue.bindings.job_record import JobIdentity, claim_output, read_record
+from forvalue.bindings.jobs.job_record import JobIdentity, claim_output, read_record
 
 from jsonl_records import assert_same_records
 from tiny_models import random_samples, tiny_model
@@ -132,7 +132,7 @@ def test_shards_of_different_jobs_are_not_merged(workdir, tmp_path, capsys):
 def test_a_ray_job_is_refused_before_ray_starts(workdir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "values.jsonl"
     assert score(workdir, out) == 0
-    monkeypatch.setattr("forvalue.bindings.ray_cli.init_ray", lambda address: pytest.fail("Ray started"))
+    monkeypatch.setattr("forvalue.bindings.cli.ray_job.init_ray", lambda address: pytest.fail("Ray started"))
     assert score(workdir, out, "--ray", valid="valid-b") == 2
     assert "holds values of another job" in capsys.readouterr().err
 

@@ -1,8 +1,8 @@
-"""bench/latency.py --quick: every path measured side by side, finite numbers, a report."""
+"""bench/perf/latency.py --quick: every path measured side by side, finite numbers, a report."""
 
 import math
 
-from forvalue.bench.latency import main
+from forvalue.bench.perf.latency import main
 
 
 def test_quick_run_reports_every_path(tmp_path):

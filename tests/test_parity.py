@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from forvalue.bench.evals.parity import official_values
 from forvalue.engine import Valuator, load_model
-from forvalue.engine.parity import official_values
 
 from tiny_models import random_samples, tiny_model
 

@@ -10,7 +10,7 @@ import torch
 
 from forvalue.bindings import Client
 from forvalue.bindings.cli import main
-from forvalue.bindings.server import ServerConfig, ValuationServer
+from forvalue.bindings.server.server import ServerConfig, ValuationServer
 from forvalue.engine import Valuator, load_model
 
 from tiny_models import random_samples, tiny_model

@@ -1,4 +1,4 @@
-"""The one ROC AUC (engine/ranking.py) against a brute-force count of pairs, and its refusals;
+"""The one ROC AUC (engine/valuation/ranking.py) against a brute-force count of pairs, and its refusals;
 round-robin selection against a plain loop."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from forvalue.engine.ranking import roc_auc, round_robin
+from forvalue.engine.valuation.ranking import roc_auc, round_robin
 
 
 def pair_count(scores, positives):

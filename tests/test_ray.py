@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from forvalue.bindings import ray_jobs
 from forvalue.bindings.cli import main
+from forvalue.bindings.ray_jobs import pool as ray_jobs
 from forvalue.engine import Covariance, Valuator, load_model
 from forvalue.engine.config import ValuationConfig
-from forvalue.engine.readers import read_samples
+from forvalue.engine.inputs.readers import read_samples
 
 from tiny_models import random_samples, tiny_model
 

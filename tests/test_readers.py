@@ -5,8 +5,8 @@ import json
 import datasets
 import pytest
 
-from forvalue.engine.readers import read_samples
-from forvalue.engine.samples import SampleError
+from forvalue.engine.inputs.readers import read_samples
+from forvalue.engine.inputs.samples import SampleError
 
 ROWS = [{"Question": "two plus two", "Answer": "four", "qid": 7, "clean_label": 1},
         {"Question": "the cat", "Answer": "sat", "qid": 8, "clean_label": 0}]

@@ -12,9 +12,9 @@ import pytest
 from test_grpc import VALID, ServerThread, expected, valuator
 
 from forvalue.bindings import Client
-from forvalue.bindings.metrics_http import MetricsServer
-from forvalue.bindings.replicas import ReplicaMismatch
-from forvalue.bindings.stream_job import stream_file
+from forvalue.bindings.cli.stream import stream_file
+from forvalue.bindings.client.replicas import ReplicaMismatch
+from forvalue.bindings.server.metrics_http import MetricsServer
 
 from tiny_models import random_samples
 

@@ -16,16 +16,16 @@ from transformers import (
     MistralForCausalLM,
 )
 
-from forvalue.engine import attention as attention_module
 from forvalue.engine import load_model
-from forvalue.engine import runner as runner_module
 from forvalue.engine.config import ValuationConfig
-from forvalue.engine.label_math import LabelMath
+from forvalue.engine.core import runner as runner_module
+from forvalue.engine.core.request import Request
+from forvalue.engine.core.runner import ModelRunner, PackingUnsupported
+from forvalue.engine.core.scheduler import Scheduler
+from forvalue.engine.inputs.samples import EncodedSample, SampleError
+from forvalue.engine.model import attention as attention_module
 from forvalue.engine.outputs import LabelStates
-from forvalue.engine.request import Request
-from forvalue.engine.runner import ModelRunner, PackingUnsupported
-from forvalue.engine.samples import EncodedSample, SampleError
-from forvalue.engine.scheduler import Scheduler
+from forvalue.engine.valuation.label_math import LabelMath
 
 from tiny_models import SIZES, VOCAB, tiny_model
 

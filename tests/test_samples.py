@@ -1,12 +1,12 @@
-"""Samples -> token ids and label masks (engine/samples.py; docs/design.md, "Contracts", Samples)."""
+"""Samples -> token ids and label masks (engine/inputs/samples.py; docs/design.md, "Contracts", Samples)."""
 
 import json
 import pickle
 
 import pytest
 
-from forvalue.engine.readers import read_jsonl
-from forvalue.engine.samples import EncodedSample, SampleError, SampleList, encode_sample, where_of
+from forvalue.engine.inputs.readers import read_jsonl
+from forvalue.engine.inputs.samples import EncodedSample, SampleError, SampleList, encode_sample, where_of
 
 CHAT = [
     {"role": "system", "content": "you are a helpful bot ."},

@@ -5,9 +5,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forvalue.engine.config import ValuationConfig
-from forvalue.engine.request import Request, RequestStatus
-from forvalue.engine.samples import EncodedSample
-from forvalue.engine.scheduler import QueueFull, Scheduler
+from forvalue.engine.core.request import Request, RequestStatus
+from forvalue.engine.core.scheduler import QueueFull, Scheduler
+from forvalue.engine.inputs.samples import EncodedSample
+from forvalue.engine.outputs import RunnerOutput
 
 
 def request(length: int, *, priority: int = 0, deadline: float | None = None, name: str = "") -> Request:
@@ -16,10 +17,17 @@ def request(length: int, *, priority: int = 0, deadline: float | None = None, na
     return Request(sample, priority=priority, deadline=deadline)
 
 
+def settle(scheduler: Scheduler, output) -> list[Request]:
+    """The step ran with no failure: the requests it completed."""
+    completed, failed = scheduler.update_from_output(output, RunnerOutput())
+    assert failed == []
+    return completed
+
+
 def run_step(scheduler: Scheduler, now: float = 0.0):
     """One step as the engine runs it; returns (output, completed requests)."""
     output = scheduler.schedule(now)
-    return output, scheduler.update(output)
+    return output, settle(scheduler, output)
 
 
 def run_all(scheduler: Scheduler, limit: int = 10_000) -> list[Request]:
@@ -119,7 +127,7 @@ def test_cancel_frees_a_waiting_a_chunked_and_an_in_flight_request():
     scheduler.add(chunked)
     output = scheduler.schedule(0.0)  # the chunked request runs its first chunk
     chunked.kv_cache = "cache"
-    scheduler.update(output)
+    settle(scheduler, output)
     scheduler.add(waiting)
     assert scheduler.cancel(waiting) and waiting.status is RequestStatus.CANCELLED
     assert scheduler.cancel(chunked) and chunked.kv_cache is None
@@ -132,7 +140,7 @@ def test_cancel_frees_a_waiting_a_chunked_and_an_in_flight_request():
     in_flight.kv_cache = "cache"
     assert scheduler.cancel(in_flight)
     assert in_flight.kv_cache == "cache"  # the runner may still use it until the step is over
-    assert scheduler.update(output) == [] and in_flight.kv_cache is None
+    assert settle(scheduler, output) == [] and in_flight.kv_cache is None
     assert not scheduler.has_unfinished()
 
 
@@ -147,7 +155,7 @@ def test_deadlines_expire_waiting_and_chunked_requests():
     scheduler.add(chunked)
     output = scheduler.schedule(0.0)
     chunked.kv_cache = "cache"
-    scheduler.update(output)
+    settle(scheduler, output)
     output = scheduler.schedule(6.0)
     assert output.expired == [chunked] and chunked.kv_cache is None
     assert not scheduler.has_unfinished()
@@ -182,7 +190,7 @@ def test_budgets_hold_and_every_request_ends_exactly_once(budget, max_seqs, poli
         for r in output.expired:
             assert r.request_id not in ended
             ended[r.request_id] = "expired"
-        for r in scheduler.update(output):
+        for r in settle(scheduler, output):
             assert r.request_id not in ended and r.num_computed_tokens == r.num_tokens
             r.finish(RequestStatus.FINISHED)
             ended[r.request_id] = "finished"

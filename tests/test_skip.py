@@ -1,4 +1,4 @@
-"""The skip readout (engine/skip.py): values equal the Frobenius inner products of autograd
+"""The skip readout (engine/model/skip.py): values equal the Frobenius inner products of autograd
 gradients with respect to the head and a zero-initialised readout from the residual stream at
 the chosen layer (through the final norm), in float64, on every route, with and without the
 preconditioner (P built from the model's own output_hidden_states), in every step form."""
@@ -16,7 +16,7 @@ from forvalue.engine import (
     Valuator,
     load_model,
 )
-from forvalue.engine.skip import skip_layer
+from forvalue.engine.model.skip import skip_layer
 
 from tiny_models import random_samples, tiny_model
 
@@ -150,7 +150,7 @@ def test_a_covariance_keeps_its_readout():
 def test_the_serving_engine_values_with_the_readout():
     import asyncio
 
-    from forvalue.engine.async_engine import AsyncEngine
+    from forvalue.engine.serving.async_engine import AsyncEngine
 
     model = load_model(tiny_model("untied", seed=54), dtype=torch.float64)
     train, valid = random_samples(5, seed=55, max_len=40), random_samples(3, seed=56)

@@ -3,10 +3,10 @@ cosine value (so its other layers are that value on other states)."""
 
 import numpy as np
 import torch
+from skip_scan import scan
 
-from forvalue.bench.skip_scan import scan
 from forvalue.engine import Valuator, load_model
-from forvalue.engine.ranking import roc_auc
+from forvalue.engine.valuation.ranking import roc_auc
 
 from tiny_models import random_samples, tiny_model
 

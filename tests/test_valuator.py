@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from forvalue.engine import Reference, ReferenceMismatch, SampleError, Valuator, load_model
+from forvalue.engine import Reference, ReferenceMismatch, SampleError, Valuation, Valuator, load_model
 
 from tiny_models import autograd_gradient, frob, random_samples, tiny_model
 
@@ -126,3 +126,22 @@ def test_non_finite_hidden_states_are_refused():
     sample = {"id": "poisoned", "input_ids": [3, 7, 5], "loss_mask": [0, 1, 1]}
     with pytest.raises(SampleError, match=r"'poisoned'.*non-finite"):
         v.self_value([sample])
+
+
+def test_the_result_methods_return_one_type_with_values_errors_and_token_values():
+    model = load_model(tiny_model("untied", seed=5), dtype=torch.float64)
+    v = Valuator(model, progress=False)
+    train = random_samples(4, seed=6)
+    train[2] = {"id": "bad", "input_ids": [1, 2], "loss_mask": [1, 0]}
+    valid = random_samples(2, seed=7)
+    reference = v.reference(valid)
+    scored = v.score_result(train, reference, token_values=True)
+    assert isinstance(scored, Valuation) and scored.values.shape == (4,)
+    assert np.isnan(scored.values[2]) and [e.index for e in scored.errors] == [2]
+    assert scored.token_values[2] is None
+    assert scored.token_values[0].values.sum() == pytest.approx(scored.values[0], rel=1e-9)
+    pairs = v.pairwise_result(train, valid)
+    assert pairs.values.shape == (4, 2) and np.isnan(pairs.values[2]).all() and pairs.token_values is None
+    np.testing.assert_allclose(pairs.values[[0, 1, 3]].mean(axis=1), scored.values[[0, 1, 3]], rtol=1e-9)
+    own = v.self_value_result(train)
+    assert [e.index for e in own.errors] == [2] and (own.values[[0, 1, 3]] > 0).all()

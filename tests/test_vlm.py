@@ -14,11 +14,11 @@ from test_grpc import ServerThread
 from forvalue.bindings import Client
 from forvalue.bindings import forvalue_pb2 as pb
 from forvalue.bindings.cli import main
-from forvalue.bindings.stream_job import stream_file
+from forvalue.bindings.cli.stream import stream_file
 from forvalue.bindings.wire import BadSample, resolve_image_paths, sample_of
 from forvalue.engine import ModelError, ReferenceMismatch, SampleError, Valuator, load_model, read_jsonl
-from forvalue.engine.attention import PackingUnsupported
-from forvalue.engine.images import ImageLimits
+from forvalue.engine.inputs.images import ImageLimits
+from forvalue.engine.model.attention import PackingUnsupported
 
 from tiny_models import autograd_gradient, frob, tiny_model
 from tiny_vlms import FAMILIES, PLACEHOLDER, image, image_sample, png_bytes, tiny_processor, tiny_vlm

@@ -1,0 +1,7 @@
+"""``python -m forvalue.bindings.cli``: the ``forvalue`` command."""
+
+import sys
+
+from .commands import main
+
+sys.exit(main())

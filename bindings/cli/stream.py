@@ -1,0 +1,155 @@
+"""``forvalue stream``: value a samples file on a running server, resumable like the batch jobs.
+
+Results are appended to the same ResultLog files as ``forvalue score`` writes, as they arrive
+(fsynced at least every half second), keyed by the samples' ids; a rerun skips what is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from forvalue.engine.inputs.readers import read_samples
+from forvalue.engine.inputs.samples import sample_id_of
+
+from ..client import Client, ReferenceInfo, ServerError
+from ..client.errors import RETRYABLE
+from ..jobs.job_record import claim_output, stream_identity
+from ..jobs.result_log import ResultLog, errors_path
+from ..jobs.shards import JobFiles
+from ..server.auth import read_token
+from ..wire import resolve_image_paths
+from .report import user_error
+
+SYNC_SECONDS = 0.5
+
+
+def stream_file(server: str, reference: str, input_path: str | os.PathLike, out: str | os.PathLike, *,
+                token: str | None = None, tls: bool = False, root_certificates: str | Path | None = None,
+                limit: int | None = None, priority: int = 0, retries: int = 3, overwrite: bool = False,
+                progress: bool = True) -> dict[str, Any]:
+    """Value every sample of ``input_path`` on ``server`` (``host:port``, or replicas as
+    ``a:port,b:port``: see replicas.py) against ``reference``, appending
+    results to ``out`` (errors to ``OUT.errors.jsonl``). Samples already in either file are
+    skipped, so an interrupted run resumes where it stopped; an ``out`` of another job (another
+    input file or reference) is refused unless ``overwrite`` (job_record.py). ``limit``: value
+    at most this many new samples in this run. A call refused as UNAVAILABLE or RESOURCE_EXHAUSTED is retried
+    ``retries`` times with backoff, resuming the same way."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"--limit must be >= 0, got {limit}")
+    samples = read_samples(input_path)
+    ids = _unique_ids(samples)
+    files = JobFiles(Path(out))
+    with Client(server.split(","), token, tls=tls, root_certificates=root_certificates) as client:
+        info = _reference_info(client, reference)
+        claim_output(files.job, (files.out, files.errors),
+                     stream_identity(input_path, reference, info.fingerprint), overwrite=overwrite)
+        with ResultLog(files.out, sync_seconds=SYNC_SECONDS) as log:
+            done = log.done("id")
+            todo = [i for i, sample_id in enumerate(ids) if sample_id not in done][:limit]
+            with tqdm(total=len(samples), initial=len(samples) - _remaining(ids, log), unit="sample",
+                      desc=f"stream {Path(input_path).name}", disable=not progress) as bar:
+                for attempt in range(retries + 1):
+                    try:
+                        _stream_once(client, reference, samples, ids, todo, log, bar, priority,
+                                     Path(input_path).parent)
+                        break
+                    except ServerError as error:
+                        if error.code not in RETRYABLE or attempt == retries:
+                            raise
+                        log.sync()
+                        bar.write(f"forvalue: {error}; retrying in {2 ** attempt} s")
+                        time.sleep(2 ** attempt)
+                        done = log.done("id")
+                        todo = [i for i in todo if ids[i] not in done]
+    return {"scored": len(log.results), "errors": len(log.errors), "remaining": _remaining(ids, log),
+            "out": str(out), "errors_file": str(errors_path(Path(out)))}
+
+
+def _stream_once(client: Client, reference: str, samples: list[Any], ids: list[str], todo: list[int],
+                 log: ResultLog, bar: Any, priority: int, image_root: Path) -> None:
+    # Every sample goes out with an id, so a result maps back to its input line.
+    payload = (resolve_image_paths({**samples[i], "id": ids[i]}, image_root) if isinstance(samples[i], dict)
+               else samples[i] for i in todo)
+    for result in client.score_stream(payload, reference, priority=priority):
+        index = todo[result.index]
+        if result.error:
+            record = {"id": ids[index], "index": index, "error": result.error}
+        else:
+            record = {"id": ids[index], "index": index, "value": result.value,
+                      "num_tokens": result.num_tokens, "num_labels": result.num_labels,
+                      **({"truncated": True} if result.truncated else {})}
+        log.add([record], failed=bool(result.error))
+        bar.update(1)
+
+
+def _unique_ids(samples: list[Any]) -> list[str]:
+    ids = [sample_id_of(sample, str(i)) for i, sample in enumerate(samples)]
+    seen: set[str] = set()
+    for i, sample_id in enumerate(ids):
+        if sample_id in seen:
+            raise ValueError(f"sample id {sample_id!r} appears twice (again at position {i}): "
+                             f"resuming needs unique ids")
+        seen.add(sample_id)
+    return ids
+
+
+def _remaining(ids: list[str], log: ResultLog) -> int:
+    done = log.done("id")
+    return sum(sample_id not in done for sample_id in ids)
+
+
+def _reference_info(client: Client, reference: str) -> ReferenceInfo:
+    infos = {info.name: info for info in client.list_references()}
+    if reference not in infos:
+        raise ValueError(f"the server has no reference {reference!r}; it has {list(infos) or 'none'}")
+    return infos[reference]
+
+
+def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``forvalue stream``."""
+    parser.add_argument("--server", required=True, metavar="HOST:PORT[,HOST:PORT...]",
+                        help="the server, or replicas of it (comma-separated): one stream each, a "
+                             "failed replica's samples re-sent to the others")
+    parser.add_argument("--reference", required=True, metavar="NAME",
+                        help="a reference resident on the server")
+    parser.add_argument("--input", required=True, type=Path,
+                        help="samples: a JSONL file, a parquet file or a saved dataset folder")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="results JSONL, appended to (errors go to OUT.errors.jsonl); rerun the same "
+                             "command to resume")
+    parser.add_argument("--token-file", type=Path,
+                        help="file holding the server's bearer token (or set FORVALUE_TOKEN)")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS (system root certificates)")
+    parser.add_argument("--tls-ca", type=Path, help="PEM root certificate of a private CA (implies --tls)")
+    parser.add_argument("--limit", type=int, help="value at most this many new samples in this run")
+    parser.add_argument("--priority", type=int, default=0, help="lower runs first on a priority server")
+    parser.add_argument("--retries", type=int, default=3,
+                        help="retries when the server is unavailable or overloaded (default: 3)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over when --out holds the results of another job (another input "
+                             "file or reference; by default a rerun resumes the same job)")
+
+
+def run_stream(args: argparse.Namespace) -> int:
+    """``forvalue stream``; returns the exit status (1: the server failed, rerun to resume)."""
+    try:
+        summary = stream_file(args.server, args.reference, args.input, args.out,
+                              token=read_token(args.token_file), tls=args.tls, root_certificates=args.tls_ca,
+                              limit=args.limit, priority=args.priority, retries=args.retries,
+                              overwrite=args.overwrite)
+    except ServerError as error:
+        print(f"forvalue: error: server {args.server}: {error}; rerun the same command to resume",
+              file=sys.stderr)
+        return 1
+    except ValueError as error:
+        return user_error(error)
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,8 @@
+"""The client SDK: synchronous and asynchronous clients of the server, and replicated calls.
+It needs neither torch nor the engine."""
+
+from ..wire import ReferenceInfo, Result, TokenValues
+from .clients import AsyncClient, Client
+from .errors import ServerError
+
+__all__ = ["AsyncClient", "Client", "ReferenceInfo", "Result", "ServerError", "TokenValues"]

@@ -1,0 +1,1 @@
+"""The gRPC server: the service, its calls, authentication and the metrics endpoint."""

@@ -1,0 +1,1 @@
+"""The engine core: requests, the scheduler, the model runner, and the step that drives them."""

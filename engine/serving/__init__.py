@@ -1,0 +1,1 @@
+"""The serving loop: the asynchronous engine, its resident references and its metrics."""
