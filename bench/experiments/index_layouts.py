@@ -15,9 +15,11 @@ the correlation with the exact values:
 
 Both compute the same estimate of ``<G(a) P, G(b)>`` (without bias; cosine norms from the same
 sketch) for a given ``k``: they differ in what is stored, so the fidelity is measured per ``k``
-and the bytes per sample of each layout reported beside it. Run:
+and the bytes per sample of each layout reported beside it. ``--task`` takes the demo task or
+a ``forvalue eval`` task valued against its validation set (mislabeled, selection), with that
+task's metric. Run:
 
-    python bench/experiments/index_layouts.py --seeds 0,1,2,3,4 --out FILE.json
+    python bench/experiments/index_layouts.py --task demo --seeds 0,1,2,3,4 --out FILE.json
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ import torch
 
 from forvalue import kernels
 from forvalue.bench.common import machine
-from forvalue.bindings.cli.demo import make_task
+from forvalue.bench.evals.eval import score_values
+from forvalue.bench.evals.tasks import make_task as make_eval_task
+from forvalue.bindings.cli.demo import make_task as make_demo_task
 from forvalue.engine import Valuator, load_model
 from forvalue.engine.config import ValuationConfig
 from forvalue.engine.valuation.precondition import MomentAccumulator, Preconditioner
@@ -62,8 +66,20 @@ def stored_bytes(states, k, dim, bytes_per_value=2):
     return {"matrix": k * dim * bytes_per_value, "tokens": tokens * (dim + k) * bytes_per_value}
 
 
+def task_and_metric(name: str, size: str, seed: int):
+    """Training and validation samples, and the task's metric of a vector of values."""
+    if name == "demo":
+        task = make_demo_task(seed)
+        return task.train, task.valid, lambda values: roc_auc(-values, task.mislabelled)
+    task = make_eval_task(name, size, seed)
+    return task.train, task.valid, lambda values: score_values(task, values)["auc_mean"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="demo", choices=("demo", "mislabeled", "selection"))
+    parser.add_argument("--size", default="small", help="size of a forvalue eval task")
+    parser.add_argument("--rows", default=",".join(map(str, SKETCH_ROWS)), help="sketch rows k")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--repeats", type=int, default=2, help="sketch seeds per layout")
     parser.add_argument("--out", type=Path, required=True)
@@ -74,25 +90,25 @@ def main() -> None:
     head = valuator.model.head_weight
     rows = []
     for seed in map(int, args.seeds.split(",")):
-        task = make_task(seed)
-        exact = valuator.score(task.train, valuator.reference(task.valid))
-        train, valid = valuator.label_states(task.train), valuator.label_states(task.valid)
+        train_samples, valid_samples, metric = task_and_metric(args.task, args.size, seed)
+        exact = valuator.score(train_samples, valuator.reference(valid_samples))
+        train, valid = valuator.label_states(train_samples), valuator.label_states(valid_samples)
         moments = MomentAccumulator(head.shape[1], head.device)
         for states in valid:
             moments.add(states.hidden)
         pre = Preconditioner(moments.moment_sum, moments.tokens, 0.01)  # select's: A from the target
-        row = {"seed": seed, "exact_auc": roc_auc(-exact, task.mislabelled), "sketch_rows": {}}
-        for k in SKETCH_ROWS:
+        row = {"seed": seed, "exact_auc": metric(exact), "sketch_rows": {}}
+        for k in map(int, args.rows.split(",")):
             runs = [sketched_values(train, valid, head, pre, k, 1000 * r + k) for r in range(args.repeats)]
-            row["sketch_rows"][k] = {"auc": [roc_auc(-v, task.mislabelled) for v in runs],
+            row["sketch_rows"][k] = {"auc": [metric(v) for v in runs],
                                      "corr": [float(np.corrcoef(v, exact)[0, 1]) for v in runs],
                                      "bytes_per_sample_bf16": stored_bytes(train, k, head.shape[1])}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    command = (f"python bench/experiments/index_layouts.py --task {args.task} --size {args.size} "
+               f"--rows {args.rows} --seeds {args.seeds} --repeats {args.repeats}")
     args.out.write_text(json.dumps({"machine": machine(), "seconds": time.perf_counter() - started,
-                                    "command": "python bench/experiments/index_layouts.py --seeds "
-                                               f"{args.seeds} --repeats {args.repeats}",
-                                    "rows": rows}, indent=1) + "\n")
+                                    "command": command, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
