@@ -332,34 +332,32 @@ class AsyncEngine:
         for item in output.finished:
             self._answer(item.request, item)
 
-    def _owner(self, request: Request) -> Waiter | Build | None:
-        """What the request's answer goes to, once: None when it was answered already."""
+    def _waiter(self, request: Request, *, succeeded: bool) -> Waiter | None:
+        """The caller waiting for ``request``'s result, once; None when a reference build takes
+        it (settled here) or it was answered already."""
         _, owner = self._requests.pop(request.request_id, (None, None))
+        if isinstance(owner, Build):
+            owner.settle(succeeded=succeeded)
+            return None
         return owner
 
     def _answer(self, request: Request, item: Finished) -> None:
-        owner = self._owner(request)
-        if owner is None:
-            return
-        if isinstance(owner, Build):
-            owner.settle(succeeded=True)
+        waiter = self._waiter(request, succeeded=True)
+        if waiter is None:
             return
         token_values = isinstance(request.task, ScoreTask) and request.task.token_values
         tokens = TokenValues.of(item.states, item.token_scores) if token_values else None
-        result = ScoreResult(request.sample.id, owner.reference, value=item.value,
+        result = ScoreResult(request.sample.id, waiter.reference, value=item.value,
                              num_tokens=request.num_tokens, num_labels=len(item.states.positions),
                              truncated=request.sample.truncated,
                              token_values=tokens, **latencies(request), request_id=request.request_id)
-        owner.answer(result, "scored", self._metrics)
+        waiter.answer(result, "scored", self._metrics)
 
     def _answer_error(self, request: Request, message: str, outcome: str) -> None:
-        owner = self._owner(request)
-        if owner is None:
+        waiter = self._waiter(request, succeeded=False)
+        if waiter is None:
             return
-        if isinstance(owner, Build):
-            owner.settle(succeeded=False)
-            return
-        result = ScoreResult(request.sample.id, owner.reference, error=message, num_tokens=request.num_tokens,
-                             truncated=request.sample.truncated, **latencies(request),
-                             request_id=request.request_id)
-        owner.answer(result, outcome, self._metrics)
+        result = ScoreResult(request.sample.id, waiter.reference, error=message,
+                             num_tokens=request.num_tokens, truncated=request.sample.truncated,
+                             **latencies(request), request_id=request.request_id)
+        waiter.answer(result, outcome, self._metrics)
