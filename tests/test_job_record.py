@@ -127,6 +127,12 @@ def test_shards_of_different_jobs_are_not_merged(workdir, tmp_path, capsys):
     merged = read_record(tmp_path / "m.job.json")
     assert merged.compared["shard"] == "0/2+1/2"
     assert merged.compared["valid"] == read_record(tmp_path / "a.job.json").compared["valid"]
+    for name in ("a", "c"):  # shards without records: merged with a warning, no stale record left
+        shutil.copy(tmp_path / f"{name}.jsonl", tmp_path / f"bare-{name}.jsonl")
+    assert main(["merge", str(tmp_path / "bare-a.jsonl"), str(tmp_path / "bare-c.jsonl"), "--out",
+                 str(tmp_path / "m.jsonl")]) == 0
+    assert "no job records" in capsys.readouterr().err
+    assert not (tmp_path / "m.job.json").exists()
 
 
 def test_a_ray_job_is_refused_before_ray_starts(workdir, tmp_path, capsys, monkeypatch):

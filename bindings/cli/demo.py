@@ -146,8 +146,9 @@ def run_demo(out: str | os.PathLike[str], *, seed: int = 0, model_name: str = MO
     auc = roc_auc(-values, task.mislabelled)
     rows = [_row(sample, value, token_values, model.tokenizer)
             for sample, value, token_values in zip(task.train, values, tokens, strict=True)]
-    files = _write_outputs(out, task, rows, auc, _summary(model_name, seed, task, auc, seconds))
-    _report(stream, model_name, seed, task, rows, auc, seconds, files)
+    options = _options(valuator.config)
+    files = _write_outputs(out, task, rows, auc, _summary(model_name, seed, task, auc, seconds, options))
+    _report(stream, model_name, seed, task, rows, auc, seconds, files, options)
     return DemoResult(auc, values, seconds, files)
 
 
@@ -195,17 +196,17 @@ def _row(sample: dict[str, Any], value: float, token_values: Any, tokenizer: Any
     }
 
 
-def _options() -> dict[str, Any]:
-    """How the demo values: the options of forvalue select, on response tokens."""
-    from forvalue.engine.config import COMMAND_DEFAULTS, ValuationConfig
+def _options(config: Any) -> dict[str, Any]:
+    """How the demo valued (its ValuationConfig): the options of forvalue select, on response
+    tokens."""
+    from forvalue.engine.config import COMMAND_DEFAULTS
 
-    config = ValuationConfig.for_command("demo")
     return {"loss_on": config.loss_on, **{key: getattr(config, key) for key in COMMAND_DEFAULTS["demo"]}}
 
 
-def _summary(model_name: str, seed: int, task: DemoTask, auc: float,
-             seconds: dict[str, float]) -> dict[str, Any]:
-    return {"model": model_name, "seed": seed, **_options(),
+def _summary(model_name: str, seed: int, task: DemoTask, auc: float, seconds: dict[str, float],
+             options: dict[str, Any]) -> dict[str, Any]:
+    return {"model": model_name, "seed": seed, **options,
             "auc": auc, "n_train": len(task.train), "n_valid": len(task.valid),
             "n_mislabelled": int(task.mislabelled.sum()),
             "seconds": {key: round(value, 2) for key, value in seconds.items()}}
@@ -274,12 +275,12 @@ def _quoted_answer(answer: str) -> str:
 
 
 def _report(stream: IO[str], model_name: str, seed: int, task: DemoTask, rows: list[dict[str, Any]],
-            auc: float, seconds: dict[str, float], files: list[Path]) -> None:
+            auc: float, seconds: dict[str, float], files: list[Path], options: dict[str, Any]) -> None:
     n_wrong = int(task.mislabelled.sum())
     ranked = sorted(rows, key=lambda r: r["value"], reverse=True)
     lines = [
         "",
-        f"For-Value on {model_name}, " + ", ".join(f"{k}={v}" for k, v in _options().items()),
+        f"For-Value on {model_name}, " + ", ".join(f"{k}={v}" for k, v in options.items()),
         f"Task (seed {seed}): {len(task.train)} training chats 'What is the opposite of X?', "
         f"{n_wrong} of them with a wrong answer; {len(task.valid)} clean validation chats.",
         "",

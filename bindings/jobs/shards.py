@@ -76,14 +76,15 @@ class JobFiles:
 def merge_shards(parts: Sequence[str], out: Path) -> dict[str, Any]:
     """Join shard outputs (and their errors files) into one, in input order, checking that
     no sample appears twice."""
-    merged: dict[str, list[dict[str, Any]]] = {"results": [], "errors": []}
-    for part in parts:
-        files = JobFiles(Path(part))
+    shards = [JobFiles(Path(part)) for part in parts]
+    for files in shards:
         if not files.out.exists():
-            raise FileNotFoundError(f"no such shard output: {part}")
+            raise FileNotFoundError(f"no such shard output: {files.out}")
+    job = _one_job(shards)  # shards of different jobs are refused before anything is read
+    merged: dict[str, list[dict[str, Any]]] = {"results": [], "errors": []}
+    for files in shards:
         merged["results"] += read_complete_lines(files.out)
         merged["errors"] += read_complete_lines(files.errors)
-    job = _one_job([JobFiles(Path(part)) for part in parts])
     seen: set[int] = set()
     for record in merged["results"] + merged["errors"]:
         if record["index"] in seen:
@@ -95,7 +96,9 @@ def merge_shards(parts: Sequence[str], out: Path) -> dict[str, Any]:
     write_jsonl_atomic(target.errors, sorted(merged["errors"], key=lambda r: r["index"]))
     if results and "values" in results[0]:
         np.save(target.matrix, np.array([r["values"] for r in results], dtype=np.float64))
-    if job is not None:
+    if job is None:  # a record of an earlier merge would describe another job's values
+        target.job.unlink(missing_ok=True)
+    else:
         write_record(target.job, job)
     return {"merged": len(results), "errors": len(merged["errors"]), "out": str(out)}
 
