@@ -25,8 +25,12 @@ ERRORS = ("raise", "collect")
 # Which commands show an option (the serving options are the server's alone): how samples are
 # labelled matters to every command that runs the model; how they are valued, to the valuing ones.
 JOBS = ("score", "select", "serve")
-LABELLING = (*JOBS, "covariance", "warmup")
-FORWARD = (*JOBS, "covariance")
+# The index's two kinds of command: building it labels and runs the pool (how samples are
+# valued is chosen per query); querying runs the target's samples with the index's labelling.
+INDEX_BUILD, INDEX_QUERY = "index-build", "index-query"
+VALUING = (*JOBS, INDEX_QUERY)
+LABELLING = (*JOBS, "covariance", "warmup", INDEX_BUILD)
+FORWARD = (*JOBS, "covariance", INDEX_BUILD, INDEX_QUERY)
 SERVING = ("serve",)
 
 
@@ -49,11 +53,13 @@ class ValuationConfig:
     loss_on: str = _option("response", "label tokens: the sample's own rules (response) or every "
                            "position from the second on (all)", commands=LABELLING, choices=LOSS_ON)
     normalize: str = _option("none", "divide each G(x) by nothing (none, as the paper), its label "
-                             "count (mean) or its norm (cosine)", choices=NORMALIZATIONS)
+                             "count (mean) or its norm (cosine)", commands=VALUING,
+                             choices=NORMALIZATIONS)
     precondition: str | None = _option(None, "input: the inner product under (A + lambda I)^-1, A the "
-                                "covariance of the hidden states that enter G", choices=PRECONDITIONERS)
+                                "covariance of the hidden states that enter G", commands=VALUING,
+                                choices=PRECONDITIONERS)
     damping: float | None = _option(None, "lambda = damping * tr(A) / d (default: 0.01 when A comes "
-                                    "from the validation set, 0.1 otherwise)", commands=(*JOBS, "eval"))
+                                    "from the validation set, 0.1 otherwise)", commands=(*VALUING, "eval"))
     skip_depth: float | None = _option(None, "also read the residual stream at this fraction of the "
                                        "layers (0.75: layer round(0.75 L)): G gains the block "
                                        "sum e_t r_t^T of a zero-initialised skip readout",
@@ -139,6 +145,10 @@ DATA_SELECTION = {"precondition": "input", "normalize": "cosine", "skip_depth": 
 COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
     "select": DATA_SELECTION,
     "demo": DATA_SELECTION,
+    # An index serves select: its pool is read with select's readout, and its queries value
+    # as select does (A from the target; from the pool for a single sample's query).
+    INDEX_BUILD: {"skip_depth": DATA_SELECTION["skip_depth"]},
+    INDEX_QUERY: {key: DATA_SELECTION[key] for key in ("precondition", "normalize")},
     # A serving step is what a newly arrived sample waits behind: a smaller token budget keeps
     # that wait short; 128 samples a step is plenty at that budget. The queue delay lets
     # closed-loop callers (next sample sent on the previous result) join the next step.

@@ -180,6 +180,13 @@ class Valuator:
             out[states.index] = states
         return self._result(errors, failures, out)
 
+    def each_label_states(self, samples: Sequence[dict],
+                          failures: list[SampleError]) -> Iterator[list[LabelStates]]:
+        """The label states of each forward step's finished samples, as they finish (for a pass
+        too large to hold: an index build); bad samples are appended to ``failures``."""
+        for step in self._steps(samples, "collect", failures, "forward"):
+            yield [item.states for item in step]
+
     # ------------------------------------------------------------ forward passes
 
     def _steps(self, samples: Sequence[dict], errors: str | None, failures: list[SampleError], desc: str,

@@ -27,6 +27,7 @@ ROOMS = {
     "engine": {"inputs": set(), "model": {"inputs"}, "valuation": {"inputs", "model"},
                "core": {"inputs", "model", "valuation"},
                "serving": {"inputs", "model", "valuation", "core"},
+               "index": {"inputs", "model", "valuation"},  # and the Valuator it runs samples with
                "": {"inputs", "model", "valuation", "core"}},  # valuator.py, warmup.py
     "bindings": {"client": set(), "server": set(), "jobs": set(), "ray_jobs": set(),
                  "cli": {"client", "server", "jobs", "ray_jobs"}},

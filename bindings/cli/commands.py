@@ -50,6 +50,8 @@ COMMANDS = (
             "forvalue.bindings.cli.prepare", "add_covariance_arguments", "run_covariance"),
     Command("warmup", "fine-tune a LoRA adapter on the training pool (for --adapter)",
             "forvalue.bindings.cli.prepare", "add_warmup_arguments", "run_warmup"),
+    Command("index", "value a pool once, then select and query for any target from the store",
+            "forvalue.bindings.cli.index", "add_index_arguments", "run_index"),
     Command("merge", "join the outputs of `score --shard` jobs",
             "forvalue.bindings.cli.merge", "add_merge_arguments", "run_merge"),
     Command("serve", "run the gRPC valuation server",

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from forvalue.engine import Reference, SampleError, ValuationModel, Valuator
 from forvalue.engine.inputs.readers import read_samples
-from forvalue.engine.inputs.samples import SampleList, sample_id_of
+from forvalue.engine.inputs.samples import sample_id_of, subset_of
 from forvalue.engine.valuation.ranking import round_robin
 
 from .result_log import ResultLog, write_jsonl_atomic
@@ -121,14 +121,15 @@ def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
 
 def _value_chunk(valuator: Valuator, train: Sequence[dict], chunk: list[int], valid: Any,
                  mode: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    samples = _subset(train, chunk)
+    samples = subset_of(train, chunk)
     if mode == "reference":
         values, failures = valuator.score(samples, valid, errors="collect")
     elif mode == "self":
         values, failures = valuator.self_value(samples, errors="collect")
     else:
         values = np.full((len(chunk), len(valid.samples)), np.nan)
-        usable, failures = valuator.pairwise(samples, _subset(valid.samples, valid.usable), errors="collect")
+        valid_samples = subset_of(valid.samples, valid.usable)
+        usable, failures = valuator.pairwise(samples, valid_samples, errors="collect")
         values[:, valid.usable] = usable
     failed = _failed_positions(failures)
     records, error_records = [], []
@@ -141,14 +142,6 @@ def _value_chunk(valuator: Valuator, train: Sequence[dict], chunk: list[int], va
         else:
             records.append({"id": sample_id, "index": index, "value": float(values[position])})
     return records, error_records
-
-
-def _subset(samples: Sequence[dict], indices: list[int]) -> Sequence[dict]:
-    """The chunk's samples, keeping their file and line for error messages."""
-    if isinstance(samples, SampleList) and samples.lines:
-        return SampleList([samples[i] for i in indices], source=samples.source,
-                          lines=[samples.lines[i] for i in indices], unit=samples.unit)
-    return SampleList([samples[i] for i in indices], source="input", lines=indices, unit="sample")
 
 
 def _failed_positions(failures: list[SampleError]) -> dict[int, SampleError]:

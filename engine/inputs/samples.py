@@ -10,6 +10,8 @@ image-text one (engine/inputs/vision.py encodes them).
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +109,23 @@ class SampleList(list):
         if index < len(self.lines):
             return f"{self.source} {self.unit} {self.lines[index]}"
         return f"index {index}"
+
+
+def subset_of(samples: Sequence[Any], indices: Sequence[int]) -> SampleList:
+    """Some of the samples, keeping their file and line for error messages."""
+    if isinstance(samples, SampleList) and samples.lines:
+        return SampleList([samples[i] for i in indices], source=samples.source,
+                          lines=[samples.lines[i] for i in indices], unit=samples.unit)
+    return SampleList([samples[i] for i in indices], source="input", lines=list(indices), unit="sample")
+
+
+def sample_fingerprint(samples: Sequence[Any]) -> str:
+    """A digest of the samples' content, in order (what a stored result was computed from)."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(json.dumps(sample, sort_keys=True, default=str).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:32]
 
 
 def where_of(samples: Sequence[Any], index: int) -> str:

@@ -1,0 +1,376 @@
+"""``Index``: the pool valued once, any target answered from the store (docs/design.md, "Index").
+
+``Index.build`` runs the pool through the engine once and stores each sample's label states and
+sketched errors (engine/index/layout.py) in shards (engine/index/store.py). A target then costs
+its own forward pass and one scan of the shards: ``values`` (against a validation set: select's
+value), ``select`` (the top share or round-robin) and ``query`` (each sample's most and least
+valuable training samples). The index also grows (``append``), forgets (``delete``, then
+``compact``) and joins (``merge``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import INDEX_BUILD, INDEX_QUERY, ValuationConfig
+from ..inputs.readers import read_samples
+from ..inputs.samples import SampleError, sample_fingerprint, sample_id_of
+from ..model.loading import ValuationModel
+from ..valuation.precondition import MomentAccumulator, Preconditioner, resolve_damping
+from ..valuation.ranking import round_robin
+from ..valuator import Valuator
+from .layout import SKETCH_ROWS, Sketch, Target, target_of
+from .store import (
+    FORMAT,
+    STORAGE,
+    IndexMismatch,
+    Shard,
+    check_model,
+    claim_folder,
+    new_manifest,
+    read_manifest,
+    write_manifest,
+)
+from .writer import SHARD_SAMPLES, ShardWriter, default_id, moment_sum
+
+# The options that decide what is stored (how samples are labelled and read); the others
+# (normalize, precondition, damping) are chosen per query.
+LABELLING = ("loss_on", "skip_depth", "append_eos", "max_length")
+SCAN_TOKENS = 16384  # stored tokens read and valued at a time
+
+
+@dataclass
+class IndexValues:
+    """Values of the stored samples (in index order) against each group of a target."""
+
+    ids: list[str]
+    sources: np.ndarray  # each sample's source (training file) number
+    rows: np.ndarray  # and its row in that source
+    values: np.ndarray  # (samples, groups) float64
+    errors: list[SampleError] = field(default_factory=list)  # the target's bad samples
+
+
+class Index:
+    """An index folder, opened; ``model`` is needed for what runs samples (build, append, the
+    target's side of a query), not for ``info``, ``delete``, ``compact`` or ``merge``."""
+
+    def __init__(self, folder: str | Path, model: ValuationModel | None = None,
+                 config: ValuationConfig | None = None, *, progress: bool = True) -> None:
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        self.progress = progress
+        labelling = self.manifest["labelling"]
+        self.config = (config or ValuationConfig.for_command(INDEX_QUERY, **labelling))
+        differences = [f"{key}: the index has {value!r}, asked for {getattr(self.config, key)!r}"
+                       for key, value in labelling.items() if getattr(self.config, key) != value]
+        if differences:
+            raise IndexMismatch(f"{self.folder} was built with other options ({'; '.join(differences)}): "
+                                f"query with the index's, or build another index")
+        self.valuator = None if model is None else Valuator(model, config=self.config, progress=progress)
+        if self.valuator is not None:
+            check_model(self.folder, self.manifest, self.valuator.model)
+        self._shards: dict[str, Shard] = {}
+
+    # ------------------------------------------------------------------ making one
+
+    @classmethod
+    def open(cls, folder: str | Path, model: ValuationModel | None = None,
+             config: ValuationConfig | None = None, *, progress: bool = True) -> Index:
+        return cls(folder, model, config, progress=progress)
+
+    @classmethod
+    def build(cls, train: Sequence[dict] | str | Path, out: str | Path, *, model: ValuationModel,
+              config: ValuationConfig | None = None, sketch_rows: int = SKETCH_ROWS, seed: int = 0,
+              storage: str = "bfloat16", shard: tuple[int, int] = (0, 1),
+              shard_samples: int = SHARD_SAMPLES, overwrite: bool = False, progress: bool = True) -> Index:
+        """Store the pool ``train`` (samples, or a file of them) in ``out``; a rerun of the same
+        build resumes, another one is refused unless ``overwrite``. ``shard=(i, n)`` stores the
+        ``i``-th of ``n`` contiguous parts of the pool (join the parts with ``merge``)."""
+        if storage not in STORAGE:
+            raise ValueError(f"storage must be one of {tuple(STORAGE)}, got {storage!r}")
+        index, n = shard
+        if not 0 <= index < n:
+            raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{n}")
+        config = config or ValuationConfig.for_command(INDEX_BUILD)
+        valuator = Valuator(model, config=config, progress=progress)
+        sketch = Sketch(valuator.model.vocab_size, sketch_rows, seed)
+        matrix = sketch.matrix()
+        samples, source = _samples_of(train)
+        labelling = {key: getattr(config, key) for key in LABELLING}
+        manifest = new_manifest(valuator.model, labelling, sketch.describe(matrix), storage, source,
+                                f"{index}/{n}")
+        folder = Path(out)
+        claim_folder(folder, manifest, overwrite)
+        manifest = read_manifest(folder)
+        rows = range(len(samples) * index // n, len(samples) * (index + 1) // n)
+        ShardWriter(folder, manifest, valuator, matrix, shard_samples=shard_samples,
+                    progress=progress).fill(0, samples, rows)
+        return cls(folder, model, config.replace(**_query_options()), progress=progress)
+
+    def append(self, train: Sequence[dict] | str | Path, *, shard_samples: int = SHARD_SAMPLES) -> int:
+        """Store more samples (a new source; a rerun of an interrupted append resumes it);
+        returns how many were stored. Ids must be new: give samples an "id" to be sure."""
+        valuator = self._needs_model("append")
+        samples, source = _samples_of(train)
+        sources = self.manifest["sources"]
+        number = next((i for i, s in enumerate(sources) if s["fingerprint"] == source["fingerprint"]),
+                      len(sources))
+        repeated = set(self.ids()).intersection(
+            sample_id_of(sample, default_id(number, row)) for row, sample in enumerate(samples)
+            if not self._covers(number, row))
+        if repeated:
+            raise IndexMismatch(f"{len(repeated)} appended sample id(s) are already in the index (e.g. "
+                                f"{sorted(repeated)[0]!r}): give the samples unique \"id\" fields")
+        if number == len(sources):
+            sources.append(source)
+        before = self.samples
+        writer = ShardWriter(self.folder, self.manifest, valuator, self._sketch_matrix(),
+                             shard_samples=shard_samples, progress=self.progress)
+        writer.fill(number, samples, range(len(samples)))
+        return self.samples - before
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def samples(self) -> int:
+        """Samples stored and not deleted."""
+        return sum(e["samples"] for e in self.manifest["shards"]) - len(self.manifest["deleted"])
+
+    def ids(self) -> list[str]:
+        deleted = set(self.manifest["deleted"])
+        return [i for entry in self._entries() for i in self._shard(entry).ids if i not in deleted]
+
+    def source_samples(self, source: int) -> Sequence[dict]:
+        """The samples of a source (a training file) read again, checked to be what was stored."""
+        entry = self.manifest["sources"][source]
+        if entry["path"] == "samples":
+            raise ValueError("these samples were given in Python, not read from a file: keep them to "
+                             "look up the selected ids")
+        samples = read_samples(entry["path"])
+        if sample_fingerprint(samples) != entry["fingerprint"]:
+            raise IndexMismatch(f"{entry['path']} changed since it was indexed: its stored values no "
+                                f"longer describe it (rebuild the index, or restore the file)")
+        return samples
+
+    def info(self) -> dict[str, Any]:
+        """What the index holds, how it was built and its size on disk."""
+        entries = self._entries()
+        stored_bytes = sum((self.folder / e["file"]).stat().st_size for e in entries)
+        tokens = sum(e["tokens"] for e in entries)
+        identity = self.manifest["identity"]
+        return {"folder": str(self.folder), "format": FORMAT, "model": self.manifest["model_name"],
+                "samples": self.samples, "deleted": len(self.manifest["deleted"]),
+                "failed": len(self.manifest["failed"]), "label_tokens": tokens, "shards": len(entries),
+                "bytes": stored_bytes, "bytes_per_sample": self._bytes_per_sample(tokens),
+                "storage": identity["storage"], "sketch": identity["sketch"],
+                "hidden_features": int(identity["hidden_size"]), "labelling": self.manifest["labelling"],
+                "sources": [{**s, "rows_stored": self._rows_covered(i)}
+                            for i, s in enumerate(self.manifest["sources"])],
+                "forvalue_version": identity["forvalue_version"]}
+
+    def values(self, valid: Sequence[dict], *, columns: str = "mean") -> IndexValues:
+        """Every stored sample's value against the validation set ``valid``: one column, the
+        value against their mean (``columns="mean"``, select's), or one per sample ("each")."""
+        return self.values_many([valid], columns=columns)[0]
+
+    def values_many(self, targets: Sequence[Sequence[dict]], *, columns: str = "mean") -> list[IndexValues]:
+        """``values`` for several validation sets in one scan of the index."""
+        if columns not in ("mean", "each"):
+            raise ValueError(f"columns must be 'mean' or 'each', got {columns!r}")
+        built = [self._target(valid, columns, from_pool=False) for valid in targets]
+        ids, sources, rows, values = self._scan([target for target, _ in built])
+        out, start = [], 0
+        for target, errors in built:
+            out.append(IndexValues(ids, sources, rows, values[:, start:start + target.groups], errors))
+            start += target.groups
+        return out
+
+    def select(self, valid: Sequence[dict], ratio: float, *, strategy: str = "top") -> list[str]:
+        """The ids of the ``ceil(ratio n)`` stored samples of highest value (``top``) or taken
+        in turn by the validation samples (``round-robin``), in index order."""
+        if not 0 < ratio <= 1:
+            raise ValueError(f"ratio must lie in (0, 1], got {ratio}")
+        found = self.values(valid, columns="mean" if strategy == "top" else "each")
+        return [found.ids[i] for i in sorted(choose(found.values, ratio, strategy))]
+
+    def query(self, samples: Sequence[dict], *, top: int = 10) -> list[dict[str, Any]]:
+        """Per sample: the ``top`` stored samples of highest and of lowest value for it, with
+        their values; ``P`` from the pool (one sample has no covariance of its own)."""
+        target, errors = self._target(samples, "each", from_pool=True)
+        ids, _, _, values = self._scan([target])
+        failed = {e.index for e in errors}
+        usable = [i for i in range(len(samples)) if i not in failed]
+        answers = []
+        for column, position in enumerate(usable):
+            order = np.argsort(-values[:, column], kind="stable")
+            ranked = [{"id": ids[i], "value": float(values[i, column])} for i in order]
+            answers.append({"position": position, "most": ranked[:top], "least": ranked[::-1][:top]})
+        for error in errors:
+            answers.append({"position": error.index, "error": str(error)})
+        return sorted(answers, key=lambda answer: answer["position"])
+
+    # ------------------------------------------------------------------ editing
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Forget samples by id (they leave every later answer; ``compact`` frees their bytes)."""
+        live = set(self.ids())
+        unknown = [i for i in ids if i not in live]
+        if unknown:
+            raise IndexMismatch(f"{len(unknown)} id(s) not in the index, e.g. {unknown[0]!r}")
+        self.manifest["deleted"].extend(dict.fromkeys(ids))
+        write_manifest(self.folder, self.manifest)
+        return len(set(ids))
+
+    def compact(self) -> int:
+        """Rewrite the shards that hold deleted samples without them; returns bytes freed."""
+        from .edits import compact
+
+        freed = compact(self)
+        self._shards.clear()
+        return freed
+
+    @staticmethod
+    def merge(folders: Sequence[str | Path], out: str | Path) -> Index:
+        """One index of the shards of several (the parts of a ``--shard`` build, or indexes of
+        other pools) built alike; ids must not repeat."""
+        from .edits import merge
+
+        merge([Path(f) for f in folders], Path(out))
+        return Index(out)
+
+    # ------------------------------------------------------------------ internals
+
+    def _needs_model(self, what: str) -> Valuator:
+        if self.valuator is None:
+            raise ValueError(f"{what} runs samples through the model: open the index with model=")
+        return self.valuator
+
+    def _entries(self) -> list[dict[str, Any]]:
+        return [e for e in self.manifest["shards"] if e["file"]]
+
+    def _shard(self, entry: dict[str, Any]) -> Shard:
+        if entry["file"] not in self._shards:
+            self._shards[entry["file"]] = Shard(self.folder / entry["file"], entry)
+        return self._shards[entry["file"]]
+
+    def _sketch_matrix(self) -> torch.Tensor:
+        described = self.manifest["identity"]["sketch"]
+        kind_rows = 0 if described["kind"] == "identity" else described["rows"]
+        sketch = Sketch(int(self.manifest["identity"]["vocab_size"]), kind_rows, described["seed"])
+        matrix = sketch.matrix()
+        if sketch.fingerprint(matrix) != described["fingerprint"]:
+            raise IndexMismatch(f"{self.folder}: this torch ({torch.__version__}) draws another sketch from "
+                                f"seed {sketch.seed} than the index was built with: rebuild it")
+        return matrix
+
+    def _target(self, samples: Sequence[dict], columns: str,
+                from_pool: bool) -> tuple[Target, list[SampleError]]:
+        valuator = self._needs_model("a query")
+        states, errors = valuator.label_states(samples, errors="collect")
+        states = [s for s in states if s is not None]
+        if not states:
+            raise ValueError(f"no valid sample to query with ({len(errors)} skipped)")
+        config = self.config
+        pre = None
+        if config.precondition is not None:
+            damping = resolve_damping(config.precondition, config.damping, from_pool)
+            moments, tokens = self._pool_moments() if from_pool else _moments_of(states)
+            pre = Preconditioner(moments, tokens, damping)
+        return target_of(states, valuator.math, self._sketch_matrix(), pre, config.normalize, columns), errors
+
+    def _pool_moments(self) -> tuple[torch.Tensor, int]:
+        """The pool's ``sum h h^T`` and token count, deleted samples taken out."""
+        total, tokens = None, 0
+        deleted = set(self.manifest["deleted"])
+        for entry in self._entries():
+            shard = self._shard(entry)
+            gone = [p for p, i in enumerate(shard.ids) if i in deleted]
+            part = shard.tensor("moment_sum")
+            if gone:
+                hidden = shard.tensor("hidden")
+                part = part - sum(moment_sum(hidden[shard.token_range(p)]) for p in gone)
+            total = part if total is None else total + part
+            tokens += entry["tokens"] - sum(shard.sizes[p] for p in gone)
+        if total is None or tokens == 0:
+            raise ValueError(f"{self.folder} holds no sample")
+        return total, tokens
+
+    def _scan(self, targets: list[Target]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """Every live stored sample's values against every group of ``targets``, one chunk of
+        one shard in memory at a time."""
+        deleted = set(self.manifest["deleted"])
+        ids, sources, rows, parts = [], [], [], []
+        entries = self._entries()
+        for entry in tqdm(entries, desc="scan", unit="shard", disable=not self.progress or len(entries) < 2):
+            shard = self._shard(entry)
+            keep = {p for p, i in enumerate(shard.ids) if i not in deleted}
+            shard_rows = shard.tensor("rows").tolist()
+            for chunk in shard.chunks(SCAN_TOKENS, keep if deleted else None):
+                values = torch.cat([t.values(chunk.hidden, chunk.errors, chunk.gram, chunk.sizes)
+                                    for t in targets], dim=1)
+                live = [j for j, p in enumerate(chunk.positions) if p in keep]
+                parts.append(values[live].numpy())
+                ids.extend(shard.ids[chunk.positions[j]] for j in live)
+                rows.extend(shard_rows[chunk.positions[j]] for j in live)
+                sources.extend([entry["source"]] * len(live))
+        groups = sum(t.groups for t in targets)
+        values = np.concatenate(parts) if parts else np.zeros((0, groups))
+        return ids, np.asarray(sources, dtype=np.int64), np.asarray(rows, dtype=np.int64), values
+
+    def _covers(self, source: int, row: int) -> bool:
+        return any(e["source"] == source and e["rows"][0] <= row < e["rows"][1]
+                   for e in self.manifest["shards"])
+
+    def _rows_covered(self, source: int) -> int:
+        return sum(e["rows"][1] - e["rows"][0] for e in self.manifest["shards"] if e["source"] == source)
+
+    def _bytes_per_sample(self, tokens: int) -> float:
+        """Stored bytes per sample, the per-shard covariance left out (it does not grow with samples)."""
+        identity = self.manifest["identity"]
+        width = STORAGE[identity["storage"]].itemsize
+        count = sum(e["samples"] for e in self._entries())
+        if count == 0:
+            return 0.0
+        per_token = (int(identity["hidden_size"]) + identity["sketch"]["rows"]) * width
+        squares = sum(sum(n * n for n in self._shard(e).sizes) for e in self._entries())
+        return (tokens * per_token + squares * 4 + count * 16) / count
+
+
+def choose(values: np.ndarray, ratio: float, strategy: str) -> list[int]:
+    """Positions chosen from values (``(n, 1)`` for top, ``(n, groups)`` for round-robin)."""
+    finite = np.isfinite(values).all(axis=1)
+    keep = int(np.ceil(ratio * finite.sum()))
+    if strategy == "top":
+        column = np.where(finite, values[:, 0], -np.inf)
+        return [int(i) for i in np.argsort(-column, kind="stable")[:keep]]
+    if strategy == "round-robin":
+        return round_robin(np.where(finite[:, None], values, -np.inf), keep)
+    raise ValueError(f"strategy must be 'top' or 'round-robin', got {strategy!r}")
+
+
+def _query_options() -> dict[str, Any]:
+    defaults = ValuationConfig.for_command(INDEX_QUERY)
+    return {key: getattr(defaults, key) for key in ("normalize", "precondition", "damping")}
+
+
+def _moments_of(states: list[Any]) -> tuple[torch.Tensor, int]:
+    moments = MomentAccumulator(states[0].hidden.shape[1], states[0].hidden.device)
+    for s in states:
+        moments.add(s.hidden)
+    return moments.moment_sum, moments.tokens
+
+
+def _samples_of(train: Sequence[dict] | str | Path) -> tuple[Sequence[dict], dict[str, Any]]:
+    """The samples and their source entry (a path, or "samples" for a list given in Python)."""
+    samples = read_samples(str(train)) if isinstance(train, (str, Path)) else train
+    if len(samples) == 0:
+        raise ValueError(f"no samples in {train if isinstance(train, (str, Path)) else 'the list given'}")
+    path = str(train) if isinstance(train, (str, Path)) else "samples"
+    return samples, {"path": path, "fingerprint": sample_fingerprint(samples), "rows": len(samples)}

@@ -1,0 +1,155 @@
+"""What the index stores of a training sample, and the value read back from it
+(docs/design.md, "Index").
+
+Per label token ``t`` of a sample: the state ``h_t`` kept whole (``D = d``, or ``2d`` with the
+skip readout) and the error sketched over the vocabulary, ``u_t = R^T e_t`` (``R``: ``V x k``,
+entries N(0, 1/k), drawn from a seed); per sample, the exact error gram ``g_ts = e_t . e_s``.
+Nothing of ``G`` is formed. At query time, with the target's ``P = C^-T C^-1`` and
+``z = C^-1 h`` (``z = h`` without a preconditioner):
+
+    <G(a) P, G(b)>      ~  sum_{t in a, s in b} (u_t . u_s)(z_t . z_s)   (E[R R^T] = I: no bias)
+    ||G(a) P^(1/2)||^2  =  sum_{t, s in a} g_ts (z_t . z_s)              (exact, for cosine)
+
+``R`` acts on the vocabulary side of ``G`` and ``P`` on the hidden side, so the sketch commutes
+with any target's ``P``; the hidden side is never compressed before it is whitened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from forvalue import kernels
+
+from ..outputs import LabelStates
+from ..valuation.label_math import LabelMath, stack
+from ..valuation.precondition import Preconditioner
+
+# Sketch rows: the fewest whose values keep select's default within 0.006 AUC of the exact one
+# on the measured tasks (bench/results/index/layouts.md); fewer rows lose up to 0.04.
+SKETCH_ROWS = 1024
+IDENTITY = 0  # ``rows`` of the identity sketch: u_t = e_t exactly (k = V), for tests and small V
+
+
+@dataclass(frozen=True)
+class Sketch:
+    """``R`` (``V x k``) from ``seed``; ``fingerprint`` checks that this torch draws the same."""
+
+    vocab_size: int
+    rows: int
+    seed: int
+
+    def matrix(self) -> torch.Tensor:
+        if self.rows == IDENTITY:
+            return torch.eye(self.vocab_size)
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.randn(self.vocab_size, self.rows, generator=generator) / self.rows ** 0.5
+
+    @property
+    def width(self) -> int:
+        return self.vocab_size if self.rows == IDENTITY else self.rows
+
+    def fingerprint(self, matrix: torch.Tensor) -> str:
+        return hashlib.sha256(matrix[:16].contiguous().numpy().tobytes()).hexdigest()[:32]
+
+    def describe(self, matrix: torch.Tensor) -> dict[str, object]:
+        kind = "identity" if self.rows == IDENTITY else "gaussian"
+        return {"kind": kind, "rows": self.width, "seed": self.seed, "fingerprint": self.fingerprint(matrix)}
+
+
+@dataclass
+class Encoded:
+    """A batch of samples in the stored form: tokens one sample after another."""
+
+    hidden: torch.Tensor  # (tokens, D)
+    errors: torch.Tensor  # (tokens, k): u_t
+    gram: torch.Tensor  # (sum of T^2,) float32: each sample's g, row-major
+    sizes: list[int]  # label tokens per sample
+
+
+def encode(states: list[LabelStates], math: LabelMath, sketch: torch.Tensor) -> Encoded:
+    """The stored form of a batch's label states (one sketch call for the batch, one error gram
+    per sample: ``T^2 V`` each)."""
+    hidden, labels, sizes = stack(states)
+    head, options = math.model.head_weight, math.kernel_kwargs()
+    errors = kernels.error_sketch(hidden, head, labels, sketch.to(hidden), **options)
+    grams = [kernels.error_gram(s.hidden, s.labels, s.hidden, s.labels, head, **options).float().reshape(-1)
+             for s in states]
+    return Encoded(hidden, errors, torch.cat(grams), sizes)
+
+
+@dataclass
+class Target:
+    """What a scan values against, in the target's space: its tokens' whitened states ``z_s``
+    and sketched errors ``u_s``, and ``weights`` (``S x groups``): the weight of token ``s`` in
+    each group's sum (``1 / (norm(b) count)`` for a validation set's mean, ``1 / norm(b)`` for
+    one sample's own column)."""
+
+    whitened: torch.Tensor  # (S, D) float32
+    errors: torch.Tensor  # (S, k) float32
+    weights: torch.Tensor  # (S, groups) float32
+    preconditioner: Preconditioner | None
+    normalize: str
+
+    @property
+    def groups(self) -> int:
+        return self.weights.shape[1]
+
+    def values(self, hidden: torch.Tensor, errors: torch.Tensor, gram: torch.Tensor,
+               sizes: list[int]) -> torch.Tensor:
+        """``(samples, groups)`` float64: the stored samples' values against each group."""
+        z = self._whiten(hidden)
+        u = errors.float()
+        S, D, k = self.whitened.shape[0], z.shape[1], u.shape[1]
+        if self.groups * D * k < S * (D + k):  # per group the k x D matrix M = sum_s w_s u_s z_s^T
+            matrices = [(self.errors * w[:, None]).T @ self.whitened for w in self.weights.T]
+            per_token = torch.stack([((z @ M.T) * u).sum(1) for M in matrices], dim=1)
+        else:  # token pairs: (z_t . z_s)(u_t . u_s), summed over s with each group's weights
+            per_token = ((z @ self.whitened.T) * (u @ self.errors.T)) @ self.weights
+        sample_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        per_sample = torch.zeros((len(sizes), self.groups), dtype=torch.float64)
+        per_sample.index_add_(0, sample_of, per_token.double())
+        return per_sample / self._norms(z, gram, sizes)[:, None]
+
+    def _whiten(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.float()
+        return hidden if self.preconditioner is None else self.preconditioner.whiten(hidden)
+
+    def _norms(self, z: torch.Tensor, gram: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Each sample's divisor under ``normalize``; cosine's ``sum g_ts (z_t . z_s)`` from the
+        stored gram and the states padded to the batch's longest sample."""
+        if self.normalize == "none":
+            return torch.ones(len(sizes), dtype=torch.float64)
+        if self.normalize == "mean":
+            return torch.tensor(sizes, dtype=torch.float64)
+        padded = torch.nn.utils.rnn.pad_sequence(z.split(sizes), batch_first=True)
+        longest = padded.shape[1]
+        counts = torch.tensor(sizes)
+        sample = torch.repeat_interleave(torch.arange(len(sizes)), counts * counts)
+        starts = torch.cumsum(counts * counts, 0) - counts * counts
+        within = torch.arange(len(gram)) - starts[sample]
+        g = torch.zeros((len(sizes), longest, longest))
+        g[sample, within // counts[sample], within % counts[sample]] = gram.float()
+        squared = (torch.bmm(padded, padded.transpose(1, 2)) * g).sum((1, 2)).double()
+        return squared.clamp_min(0).sqrt()
+
+
+def target_of(states: list[LabelStates], math: LabelMath, sketch: torch.Tensor, pre: Preconditioner | None,
+              normalize: str, columns: str) -> Target:
+    """The target of validation samples' label states: one group, their mean (``columns="mean"``:
+    select's ``Gbar``), or a group per sample (``"each"``: pairwise values)."""
+    norms = torch.tensor([math.norm(s, normalize, pre) for s in states], dtype=torch.float64)
+    hidden, labels, sizes = stack(states)
+    errors = kernels.error_sketch(hidden, math.model.head_weight, labels, sketch.to(hidden),
+                                  **math.kernel_kwargs())
+    whitened = hidden.float() if pre is None else pre.whiten(hidden.float())
+    owner = torch.repeat_interleave(torch.arange(len(states)), torch.tensor(sizes))
+    per_token = (1.0 / norms)[owner]
+    if columns == "mean":
+        weights = (per_token / len(states))[:, None]
+    else:
+        weights = torch.zeros((len(owner), len(states)), dtype=torch.float64)
+        weights[torch.arange(len(owner)), owner] = per_token
+    return Target(whitened.cpu(), errors.float().cpu(), weights.float(), pre, normalize)

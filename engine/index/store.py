@@ -1,0 +1,181 @@
+"""The index on disk: a folder of shards and a manifest (docs/design.md, "Index").
+
+    IDX/index.json            the manifest: format version, identity, sketch, sources, shards,
+                              deleted ids; replaced atomically after every shard
+    IDX/shard-00000.safetensors  one shard: ``hidden`` (tokens x D), ``errors`` (tokens x k),
+                              ``gram`` (sum T^2), ``sizes`` and ``rows`` (per sample), the shard's
+                              ``moment_sum`` (sum h h^T, float64), its ids in the metadata
+
+Safetensors because a shard is a few dense arrays read in token ranges: ``safe_open`` maps the
+file and a slice reads only its bytes, so a scan holds one chunk at a time and the index can be
+larger than memory; the format is a standard one any language reads, and its header is checked
+against the file's size, so a truncated shard is caught on open. A shard is written whole
+(temporary file, fsync, rename) before the manifest names it: after a kill, the manifest names
+only complete shards and a rerun builds the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..atomic import replace_atomically, write_atomically
+from ..version import __version__
+
+if TYPE_CHECKING:
+    from ..model.loading import ValuationModel
+
+FORMAT = "forvalue.index/1"
+SHARD_FORMAT = "forvalue.index-shard/1"
+MANIFEST = "index.json"
+STORAGE = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+TENSORS = ("hidden", "errors", "gram", "sizes", "rows", "moment_sum")
+
+
+class IndexMismatch(ValueError):
+    """An index that cannot be read, or one used with what it was not built with."""
+
+
+@dataclass
+class ShardChunk:
+    """Consecutive samples of one shard, read back."""
+
+    hidden: torch.Tensor
+    errors: torch.Tensor
+    gram: torch.Tensor
+    sizes: list[int]
+    positions: range  # the samples' positions in the shard
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise IndexMismatch(f"{folder} is not a forvalue index (no {MANIFEST}): build one with "
+                          f"`forvalue index build`") from None
+    except (OSError, ValueError) as error:
+        raise IndexMismatch(f"cannot read {path}: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise IndexMismatch(f"{path} is not an index of this version (format {found!r}, this reads "
+                          f"{FORMAT!r}): rebuild it")
+    return manifest
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    write_atomically(folder / MANIFEST, lambda file: json.dump(manifest, file, indent=1))
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], ids: list[str]) -> None:
+    metadata = {"format": SHARD_FORMAT, "ids": json.dumps(ids)}
+    contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+    replace_atomically(path, lambda tmp: save_file(contiguous, tmp, metadata))
+
+
+class Shard:
+    """One shard file, opened (mapped); its samples read in chunks of whole samples."""
+
+    def __init__(self, path: Path, entry: dict[str, Any]) -> None:
+        self.path = path
+        try:
+            self._file = safe_open(str(path), framework="pt", device="cpu")
+            metadata = self._file.metadata() or {}
+            missing = [name for name in TENSORS if name not in self._file.keys()]
+            if metadata.get("format") != SHARD_FORMAT or missing:
+                raise IndexMismatch(f"index shard {path} is not a shard of this version (missing {missing})")
+            self.ids: list[str] = json.loads(metadata["ids"])
+            self.sizes = self._file.get_tensor("sizes").tolist()
+        except (OSError, SafetensorError, KeyError, ValueError) as error:
+            if isinstance(error, IndexMismatch):
+                raise
+            raise IndexMismatch(f"index shard {path} is truncated or corrupt ({error}): rebuild it "
+                              f"(`forvalue index build` resumes from the shards before it)") from None
+        if len(self.ids) != entry["samples"] or sum(self.sizes) != entry["tokens"]:
+            raise IndexMismatch(f"index shard {path} does not hold what the manifest says ({len(self.ids)} "
+                              f"samples, {sum(self.sizes)} tokens; expected {entry['samples']}, "
+                              f"{entry['tokens']}): rebuild it")
+        self.token_starts = [0]
+        for n in self.sizes:
+            self.token_starts.append(self.token_starts[-1] + n)
+        self.gram_starts = [0]
+        for n in self.sizes:
+            self.gram_starts.append(self.gram_starts[-1] + n * n)
+
+    def token_range(self, position: int) -> slice:
+        """Where the sample at ``position`` has its tokens."""
+        return slice(self.token_starts[position], self.token_starts[position + 1])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._file.get_tensor(name)
+
+    def chunks(self, max_tokens: int, keep: set[int] | None = None) -> Iterator[ShardChunk]:
+        """Consecutive samples of at most ``max_tokens`` label tokens (or one longer sample);
+        ``keep``: the positions to read (the others, deleted ones, are skipped)."""
+        start = 0
+        while start < len(self.sizes):
+            stop = start + 1
+            starts = self.token_starts
+            while stop < len(self.sizes) and starts[stop + 1] - starts[start] <= max_tokens:
+                stop += 1
+            positions = range(start, stop)
+            if keep is None or any(p in keep for p in positions):
+                yield self._read(positions)
+            start = stop
+
+    def _read(self, positions: range) -> ShardChunk:
+        first, last = positions.start, positions.stop
+        tokens = slice(self.token_starts[first], self.token_starts[last])
+        grams = slice(self.gram_starts[first], self.gram_starts[last])
+        try:
+            return ShardChunk(self._file.get_slice("hidden")[tokens], self._file.get_slice("errors")[tokens],
+                              self._file.get_slice("gram")[grams], self.sizes[first:last], positions)
+        except (OSError, SafetensorError) as error:
+            raise IndexMismatch(f"cannot read index shard {self.path}: {error}") from None
+
+
+def new_manifest(model: ValuationModel, labelling: dict[str, Any], sketch: dict[str, Any], storage: str,
+                 source: dict[str, Any], shard: str) -> dict[str, Any]:
+    """The manifest of an index about to be built."""
+    identity = {key: value for key, value in model.identity.items() if key != "model_name"}
+    identity.update(sketch=sketch, storage=storage, forvalue_version=__version__)
+    return {"format": FORMAT, "model_name": model.name, "identity": identity, "labelling": labelling,
+            "sources": [source], "build_shard": shard, "shards": [], "failed": [], "deleted": []}
+
+
+def claim_folder(folder: Path, manifest: dict[str, Any], overwrite: bool) -> None:
+    """Resume the same build in ``folder``, start a new one, or refuse another build's folder."""
+    if (folder / "index.json").exists() and not overwrite:
+        recorded = read_manifest(folder)
+        keys = ("identity", "labelling", "build_shard")
+        differences = [key for key in keys if recorded.get(key) != manifest[key]]
+        if recorded["sources"][0]["fingerprint"] != manifest["sources"][0]["fingerprint"]:
+            differences.append("the training samples")
+        if differences:
+            raise IndexMismatch(f"{folder} holds an index built otherwise ({', '.join(differences)} "
+                                f"differ): pass --overwrite to start over, or choose another --out")
+        return
+    if folder.exists() and overwrite:
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_manifest(folder, manifest)
+
+
+def check_model(folder: Path, manifest: dict[str, Any], model: ValuationModel) -> None:
+    """Refuse a model (weights, adapter, tokenizer, readout) other than the index's."""
+    ours = {key: value for key, value in model.identity.items() if key != "model_name"}
+    recorded = manifest["identity"]
+    differences = [f"{key}: index {recorded.get(key)!r}, model {value!r}" for key, value in ours.items()
+                   if recorded.get(key) != value]
+    if differences:
+        raise IndexMismatch(f"{folder} was built with another model, adapter or tokenizer than "
+                            f"{model.name} ({'; '.join(differences[:3])}): open it with the "
+                            f"index's model ({manifest['model_name']}) or build another index")

@@ -1,0 +1,91 @@
+"""Writing an index: the pool's samples through the engine, a shard at a time.
+
+Each shard holds ``shard_samples`` consecutive rows of one source (a training file); it is
+written whole, then the manifest names it, so a build or append that is killed resumes from
+the shards the manifest names (rows a shard covers are never valued twice). Rows whose sample
+is bad are recorded in the manifest with the reason and stored nowhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..inputs.samples import SampleError, sample_id_of, subset_of
+from ..valuator import Valuator
+from .layout import Encoded, encode
+from .store import STORAGE, write_manifest, write_shard
+
+SHARD_SAMPLES = 2048  # rows per shard: about 100 MB at 50 KiB per sample, one shard in memory
+
+
+def default_id(source: int, row: int) -> str:
+    """The id of a sample without one: its row, prefixed by its source after the first."""
+    return str(row) if source == 0 else f"{source}:{row}"
+
+
+class ShardWriter:
+    """Values rows of a source with ``valuator`` and appends them to the index in ``folder``."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], valuator: Valuator, sketch: torch.Tensor,
+                 *, shard_samples: int = SHARD_SAMPLES, progress: bool = True) -> None:
+        if shard_samples < 1:
+            raise ValueError(f"shard_samples must be positive, got {shard_samples}")
+        self.folder, self.manifest, self.valuator = folder, manifest, valuator
+        self.sketch = sketch
+        self.storage = STORAGE[manifest["identity"]["storage"]]
+        self.shard_samples = shard_samples
+        self.progress = progress
+
+    def fill(self, source: int, samples: Sequence[dict], rows: range) -> None:
+        """Store the rows of ``rows`` that no shard covers yet."""
+        covered = {row for entry in self.manifest["shards"] if entry["source"] == source
+                   for row in range(*entry["rows"])}
+        todo = [row for row in rows if row not in covered]
+        chunks = [todo[i:i + self.shard_samples] for i in range(0, len(todo), self.shard_samples)]
+        for chunk in tqdm(chunks, desc="index", unit="shard", disable=not self.progress or len(chunks) < 2):
+            self._write(source, samples, chunk)
+
+    def _write(self, source: int, samples: Sequence[dict], rows: list[int]) -> None:
+        failures: list[SampleError] = []
+        stored: dict[int, tuple[torch.Tensor, ...]] = {}  # position: (hidden, errors, gram)
+        for batch in self.valuator.each_label_states(subset_of(samples, rows), failures):
+            encoded = encode(batch, self.valuator.math, self.sketch)
+            for states, *tensors in zip(batch, *split(encoded), strict=True):
+                stored[states.index] = tuple(tensors)
+        kept = sorted(stored)
+        number = len(self.manifest["shards"])
+        entry = {"file": None, "source": source, "rows": [rows[0], rows[-1] + 1],
+                 "samples": len(kept), "tokens": sum(len(stored[i][0]) for i in kept)}
+        if kept:
+            entry["file"] = f"shard-{number:05d}.safetensors"
+            ids = [sample_id_of(samples[rows[i]], default_id(source, rows[i])) for i in kept]
+            write_shard(self.folder / entry["file"], self._tensors(stored, kept, rows), ids)
+        self.manifest["failed"].extend({"source": source, "row": rows[e.index], "id": e.sample_id,
+                                        "error": str(e)} for e in failures)
+        self.manifest["shards"].append(entry)
+        write_manifest(self.folder, self.manifest)
+
+    def _tensors(self, stored: dict[int, tuple[torch.Tensor, ...]], kept: list[int],
+                 rows: list[int]) -> dict[str, torch.Tensor]:
+        hidden, errors, gram = (torch.cat([stored[i][part] for i in kept]) for part in range(3))
+        hidden = hidden.to(self.storage)
+        return {"hidden": hidden, "errors": errors.to(self.storage), "gram": gram,
+                "sizes": torch.tensor([len(stored[i][0]) for i in kept]),
+                "rows": torch.tensor([rows[i] for i in kept]), "moment_sum": moment_sum(hidden)}
+
+
+def moment_sum(hidden: torch.Tensor) -> torch.Tensor:
+    """``sum h h^T`` in float64 of the states as stored (so deleting them subtracts exactly)."""
+    h = hidden.to(torch.float64)
+    return h.T @ h
+
+
+def split(encoded: Encoded) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """Each sample's (hidden, errors, gram) of an encoded batch."""
+    return (encoded.hidden.split(encoded.sizes), encoded.errors.split(encoded.sizes),
+            encoded.gram.split([n * n for n in encoded.sizes]))
