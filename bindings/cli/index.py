@@ -127,6 +127,8 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _select(args: argparse.Namespace) -> int:
+    if not 0 < args.ratio <= 1:
+        raise ValueError(f"--ratio must lie in (0, 1], got {args.ratio}")
     if len(args.valid) != len(args.out):
         raise ValueError(f"give one --out per --valid ({len(args.valid)} --valid, {len(args.out)} --out)")
     from forvalue.engine.inputs.readers import read_samples

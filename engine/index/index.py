@@ -42,7 +42,7 @@ from .writer import SHARD_SAMPLES, ShardWriter, default_id, moment_sum
 
 # The options that decide what is stored (how samples are labelled and read); the others
 # (normalize, precondition, damping) are chosen per query.
-LABELLING = ("loss_on", "skip_depth", "append_eos", "max_length")
+STORED_OPTIONS = ("loss_on", "skip_depth", "append_eos", "max_length")
 SCAN_TOKENS = 16384  # stored tokens read and valued at a time
 
 
@@ -92,18 +92,20 @@ class Index:
               shard_samples: int = SHARD_SAMPLES, overwrite: bool = False, progress: bool = True) -> Index:
         """Store the pool ``train`` (samples, or a file of them) in ``out``; a rerun of the same
         build resumes, another one is refused unless ``overwrite``. ``shard=(i, n)`` stores the
-        ``i``-th of ``n`` contiguous parts of the pool (join the parts with ``merge``)."""
+        ``i``-th of ``n`` contiguous parts of the pool (join the parts with ``merge``).
+        ``config``: how samples are labelled and read, and how the returned index values
+        (without one: select's readout and values)."""
         if storage not in STORAGE:
             raise ValueError(f"storage must be one of {tuple(STORAGE)}, got {storage!r}")
         index, n = shard
         if not 0 <= index < n:
             raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{n}")
-        config = config or ValuationConfig.for_command(INDEX_BUILD)
+        given, config = config, config or ValuationConfig.for_command(INDEX_BUILD)
         valuator = Valuator(model, config=config, progress=progress)
         sketch = Sketch(valuator.model.vocab_size, sketch_rows, seed)
         matrix = sketch.matrix()
         samples, source = _samples_of(train)
-        labelling = {key: getattr(config, key) for key in LABELLING}
+        labelling = {key: getattr(config, key) for key in STORED_OPTIONS}
         manifest = new_manifest(valuator.model, labelling, sketch.describe(matrix), storage, source,
                                 f"{index}/{n}")
         folder = Path(out)
@@ -112,7 +114,7 @@ class Index:
         rows = range(len(samples) * index // n, len(samples) * (index + 1) // n)
         ShardWriter(folder, manifest, valuator, matrix, shard_samples=shard_samples,
                     progress=progress).fill(0, samples, rows)
-        return cls(folder, model, config.replace(**_query_options()), progress=progress)
+        return cls(folder, model, given, progress=progress)
 
     def append(self, train: Sequence[dict] | str | Path, *, shard_samples: int = SHARD_SAMPLES) -> int:
         """Store more samples (a new source; a rerun of an interrupted append resumes it);
@@ -353,11 +355,6 @@ def choose(values: np.ndarray, ratio: float, strategy: str) -> list[int]:
     if strategy == "round-robin":
         return round_robin(np.where(finite[:, None], values, -np.inf), keep)
     raise ValueError(f"strategy must be 'top' or 'round-robin', got {strategy!r}")
-
-
-def _query_options() -> dict[str, Any]:
-    defaults = ValuationConfig.for_command(INDEX_QUERY)
-    return {key: getattr(defaults, key) for key in ("normalize", "precondition", "damping")}
 
 
 def _moments_of(states: list[Any]) -> tuple[torch.Tensor, int]:
