@@ -186,8 +186,8 @@ class Index:
         """``values`` for several validation sets in one scan of the index."""
         if columns not in ("mean", "each"):
             raise ValueError(f"columns must be 'mean' or 'each', got {columns!r}")
-        built = [self._target(valid, columns, from_pool=False) for valid in targets]
-        ids, sources, rows, values = self._scan([target for target, _ in built])
+        built = [self.prepare_target(valid, columns, from_pool=False) for valid in targets]
+        ids, sources, rows, values = self.scan([target for target, _ in built])
         out, start = [], 0
         for target, errors in built:
             out.append(IndexValues(ids, sources, rows, values[:, start:start + target.groups], errors))
@@ -205,8 +205,8 @@ class Index:
     def query(self, samples: Sequence[dict], *, top: int = 10) -> list[dict[str, Any]]:
         """Per sample: the ``top`` stored samples of highest and of lowest value for it, with
         their values; ``P`` from the pool (one sample has no covariance of its own)."""
-        target, errors = self._target(samples, "each", from_pool=True)
-        ids, _, _, values = self._scan([target])
+        target, errors = self.prepare_target(samples, "each", from_pool=True)
+        ids, _, _, values = self.scan([target])
         failed = {e.index for e in errors}
         usable = [i for i in range(len(samples)) if i not in failed]
         answers = []
@@ -272,8 +272,10 @@ class Index:
                                 f"seed {sketch.seed} than the index was built with: rebuild it")
         return matrix
 
-    def _target(self, samples: Sequence[dict], columns: str,
-                from_pool: bool) -> tuple[Target, list[SampleError]]:
+    def prepare_target(self, samples: Sequence[dict], columns: str,
+                       from_pool: bool) -> tuple[Target, list[SampleError]]:
+        """The target of ``samples`` (their forward pass; ``P`` from them, or from the pool),
+        and their bad samples."""
         valuator = self._needs_model("a query")
         states, errors = valuator.label_states(samples, errors="collect")
         states = [s for s in states if s is not None]
@@ -304,9 +306,9 @@ class Index:
             raise ValueError(f"{self.folder} holds no sample")
         return total, tokens
 
-    def _scan(self, targets: list[Target]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-        """Every live stored sample's values against every group of ``targets``, one chunk of
-        one shard in memory at a time."""
+    def scan(self, targets: list[Target]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """Ids, sources, rows and values of every live stored sample against every group of
+        ``targets``, one chunk of one shard in memory at a time."""
         deleted = set(self.manifest["deleted"])
         ids, sources, rows, parts = [], [], [], []
         entries = self._entries()

@@ -1,0 +1,107 @@
+"""How far the index's values are from the exact ones, gated on ``forvalue select``'s default
+(A from the target, cosine, the skip readout): per task and seed, the task's metric of the exact
+values and of the index's (built with ``--sketch-rows K``), side by side in one run.
+
+Identification tasks are measured on pairwise values (one column per validation sample), the
+others on values against the validation set. Run (one JSON row per task and seed, then a table):
+
+    python -m forvalue.bench.evals.index_fidelity --tasks demo,mislabeled --seeds 0,1,2,3,4 \
+        --out bench/results/index/fidelity.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from forvalue.bench.common import load_average, machine
+from forvalue.bindings.cli.demo import make_task as make_demo_task
+from forvalue.engine import Index, ValuationConfig, Valuator, load_model
+from forvalue.engine.index.layout import SKETCH_ROWS
+from forvalue.engine.valuation.ranking import roc_auc
+
+from .eval import score_values
+from .tasks import TASKS, make_task
+
+
+def task_and_metric(name: str, size: str, seed: int):
+    """Training and validation samples, the label rule, whether values are pairwise, and the
+    task's metric of them."""
+    if name == "demo":
+        demo = make_demo_task(seed)
+        return demo.train, demo.valid, "response", False, lambda v: roc_auc(-v[:, 0], demo.mislabelled)
+    task = make_task(name, size, seed)
+    pairwise = task.kind == "identification"
+    return task.train, task.valid, task.loss_on, pairwise, \
+        lambda v: score_values(task, v if pairwise else v[:, 0])["auc_mean"]
+
+
+def measure(model, name: str, size: str, seed: int, rows: int, storage: str) -> dict:
+    train, valid, loss_on, pairwise, metric = task_and_metric(name, size, seed)
+    config = ValuationConfig.for_command("select", loss_on=loss_on)
+    started = time.perf_counter()
+    valuator = Valuator(model, config=config, progress=False)
+    if pairwise:
+        exact = valuator.pairwise(train, valid)
+    else:
+        exact = valuator.score(train, valuator.reference(valid))[:, None]
+    exact_seconds = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        index = Index.build(train, folder, model=model, config=config, sketch_rows=rows, seed=seed,
+                            storage=storage, progress=False)
+        built = time.perf_counter()
+        stored = index.values(valid, columns="each" if pairwise else "mean").values
+        bytes_per_sample = index.info()["bytes_per_sample"]
+        queried = time.perf_counter()
+    return {"task": name, "size": size, "seed": seed, "rows": rows, "storage": storage,
+            "exact": metric(exact), "index": metric(stored),
+            "corr": float(np.corrcoef(exact.ravel(), stored.ravel())[0, 1]),
+            "bytes_per_sample": bytes_per_sample,
+            "seconds": {"exact": exact_seconds, "build": built - started, "query": queried - built}}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| task | exact, mean | index, mean | exact - index: mean | worst | min corr | KiB/sample |",
+             "|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == name]
+        gaps = np.array([r["exact"] - r["index"] for r in mine])
+        lines.append(f"| {name} | {np.mean([r['exact'] for r in mine]):.4f} | "
+                     f"{np.mean([r['index'] for r in mine]):.4f} | {gaps.mean():+.4f} | "
+                     f"{gaps[np.argmax(np.abs(gaps))]:+.4f} | {min(r['corr'] for r in mine):.4f} | "
+                     f"{np.mean([r['bytes_per_sample'] for r in mine]) / 1024:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", default=",".join(("demo", *TASKS)))
+    parser.add_argument("--size", default="small", help="size of the forvalue eval tasks")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--rows", type=int, default=SKETCH_ROWS, help="sketch rows k")
+    parser.add_argument("--storage", default="bfloat16")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    model = load_model("smollm2-135m")
+    started, rows = time.perf_counter(), []
+    for name in args.tasks.split(","):
+        for seed in map(int, args.seeds.split(",")):
+            rows.append(measure(model, name, args.size, seed, args.rows, args.storage))
+            print(json.dumps(rows[-1]), flush=True)
+    command = (f"python -m forvalue.bench.evals.index_fidelity --tasks {args.tasks} --size {args.size} "
+               f"--seeds {args.seeds} --rows {args.rows} --storage {args.storage}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine(), "load_average_after": load_average(),
+                                    "seconds": time.perf_counter() - started, "command": command,
+                                    "rows": rows}, indent=1) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
