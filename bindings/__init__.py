@@ -7,7 +7,8 @@ if __name__ != "forvalue.bindings":  # reached as `bindings` through the reposit
 else:
     from typing import Any
 
-    __all__ = ["AsyncClient", "Client", "ReferenceInfo", "Result", "ServerError", "TokenValues"]
+    __all__ = ["AsyncClient", "Client", "QueryAnswer", "ReferenceInfo", "Result", "ServerError",
+               "TokenValues"]
 
     def __getattr__(name: str) -> Any:
         # The clients import grpc: load them when asked for, so that the CLI starts without it.

@@ -64,6 +64,11 @@ class ValuationStub:
                 request_serializer=forvalue_dot_bindings_dot_forvalue__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=forvalue_dot_bindings_dot_forvalue__pb2.Stats.FromString,
                 _registered_method=True)
+        self.Query = channel.stream_stream(
+                '/forvalue.v1.Valuation/Query',
+                request_serializer=forvalue_dot_bindings_dot_forvalue__pb2.QueryRequest.SerializeToString,
+                response_deserializer=forvalue_dot_bindings_dot_forvalue__pb2.QueryResult.FromString,
+                _registered_method=True)
 
 
 class ValuationServicer:
@@ -112,6 +117,16 @@ class ValuationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Query(self, request_iterator, context):
+        """For each streamed sample, the stored training samples of highest and of lowest value for
+        it, from the index the server was started with (forvalue serve --index IDX; docs/design.md,
+        "Index"): one QueryResult per QueryRequest, in order. FAILED_PRECONDITION without an index;
+        a bad sample is answered with `error` set and the stream goes on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ValuationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +154,11 @@ def add_ValuationServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=forvalue_dot_bindings_dot_forvalue__pb2.GetStatsRequest.FromString,
                     response_serializer=forvalue_dot_bindings_dot_forvalue__pb2.Stats.SerializeToString,
+            ),
+            'Query': grpc.stream_stream_rpc_method_handler(
+                    servicer.Query,
+                    request_deserializer=forvalue_dot_bindings_dot_forvalue__pb2.QueryRequest.FromString,
+                    response_serializer=forvalue_dot_bindings_dot_forvalue__pb2.QueryResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -281,6 +301,33 @@ class Valuation:
             '/forvalue.v1.Valuation/GetStats',
             forvalue_dot_bindings_dot_forvalue__pb2.GetStatsRequest.SerializeToString,
             forvalue_dot_bindings_dot_forvalue__pb2.Stats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Query(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/forvalue.v1.Valuation/Query',
+            forvalue_dot_bindings_dot_forvalue__pb2.QueryRequest.SerializeToString,
+            forvalue_dot_bindings_dot_forvalue__pb2.QueryResult.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,19 @@ class Result:
 
 
 @dataclass(frozen=True)
+class QueryAnswer:
+    """One queried sample's answer: the stored samples of highest and of lowest value for it,
+    as ``(id, value)`` pairs, highest (lowest) first; ``error`` is "" when answered."""
+
+    id: str
+    most: list[tuple[str, float]]
+    least: list[tuple[str, float]]
+    error: str = ""
+    index: int = -1  # the sample's position in the samples given to query_stream
+    compute_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class ReferenceInfo:
     name: str
     count: int
@@ -106,7 +119,7 @@ def reference_sample(name: str, sample: Mapping[str, Any], options: ReferenceOpt
                               covariance=options.covariance or "", **_payload(sample))
 
 
-def sample_of(message: pb.ScoreRequest | pb.ReferenceSample) -> Any:
+def sample_of(message: pb.ScoreRequest | pb.ReferenceSample | pb.QueryRequest) -> Any:
     """The sample a message carries, as the engine takes it; the engine checks the rest."""
     kind = message.WhichOneof("sample")
     name = f"request {getattr(message, 'id', '')!r}"
@@ -261,6 +274,26 @@ def result_of(message: pb.ScoreResult, name: str, index: int) -> Result:
     return Result(name, value, message.error, message.num_tokens, message.num_labels,
                   message.truncated, message.reference, index, tokens, message.queue_seconds,
                   message.compute_seconds)
+
+
+def query_request(wire_id: str, sample: Mapping[str, Any], top: int) -> pb.QueryRequest:
+    return pb.QueryRequest(id=wire_id, top=top, **_payload(sample))
+
+
+def query_result_message(wire_id: str, answer: Mapping[str, Any], seconds: float) -> pb.QueryResult:
+    """The message of one answer of ``Index.query`` (``{"most", "least"}`` or ``{"error"}``)."""
+
+    def neighbors(side: str) -> list[pb.Neighbor]:
+        return [pb.Neighbor(id=n["id"], value=n["value"]) for n in answer.get(side, [])]
+
+    return pb.QueryResult(id=wire_id, most=neighbors("most"), least=neighbors("least"),
+                          error=answer.get("error", ""), compute_seconds=seconds)
+
+
+def query_answer_of(message: pb.QueryResult, name: str, index: int) -> QueryAnswer:
+    """A caller's QueryAnswer; ``name`` and ``index`` say which of its samples it answers."""
+    most, least = ([(n.id, n.value) for n in side] for side in (message.most, message.least))
+    return QueryAnswer(name, most, least, message.error, index, message.compute_seconds)
 
 
 # ---------------------------------------------------------------------- references and statistics

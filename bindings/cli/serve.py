@@ -44,6 +44,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "a saved .safetensors Reference (repeatable)")
     add_valuation_arguments(parser, "serve")
     add_covariance_argument(parser)
+    parser.add_argument("--index", type=Path, default=None, metavar="IDX",
+                        help="an index of `forvalue index build` (same model) to answer Query: each "
+                             "streamed sample's most and least valuable stored training samples")
     parser.add_argument("--token-file", type=Path,
                         help="file holding the bearer token every call must carry (or set "
                              "FORVALUE_TOKEN); without either, calls are not authenticated")
@@ -172,7 +175,7 @@ async def _load_until_stopped(server: ValuationServer, args: argparse.Namespace,
         covariance = covariance_from_args(args, server.valuation)
         # Named after its file: PutReference calls name it (or take it as the default).
         covariances = {} if covariance is None else {Path(args.covariance).stem: covariance}
-        await server.load(model, references, covariances=covariances)
+        await server.load(model, references, covariances=covariances, index=args.index)
 
     loading = asyncio.ensure_future(load())
     stopping = asyncio.ensure_future(stop.wait())

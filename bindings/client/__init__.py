@@ -1,8 +1,8 @@
 """The client SDK: synchronous and asynchronous clients of the server, and replicated calls.
 It needs neither torch nor the engine."""
 
-from ..wire import ReferenceInfo, Result, TokenValues
+from ..wire import QueryAnswer, ReferenceInfo, Result, TokenValues
 from .clients import AsyncClient, Client
 from .errors import ServerError
 
-__all__ = ["AsyncClient", "Client", "ReferenceInfo", "Result", "ServerError", "TokenValues"]
+__all__ = ["AsyncClient", "Client", "QueryAnswer", "ReferenceInfo", "Result", "ServerError", "TokenValues"]

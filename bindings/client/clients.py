@@ -4,6 +4,8 @@
     with Client("127.0.0.1:50051", token=None) as client:
         for r in client.score_stream(samples, reference="valid"):  # as results arrive
             r.id, r.value, r.error, r.num_tokens                   # error: "" when scored
+        for a in client.query_stream(samples, top=10):             # server with --index
+            a.id, a.most, a.least, a.error                         # (id, value) pairs
 
 ``AsyncClient`` has the same methods as coroutines (``score_stream`` is an async generator
 and also takes an async iterable of samples). Samples are dicts as in a JSONL file. A result's
@@ -25,10 +27,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from .. import forvalue_pb2 as pb
 from .. import forvalue_pb2_grpc as pb_grpc
 from ..wire import (
+    QueryAnswer,
     ReferenceInfo,
     ReferenceOptions,
     Result,
     TokenValues,
+    query_answer_of,
+    query_request,
     reference_info_of,
     reference_sample,
     result_of,
@@ -38,7 +43,7 @@ from ..wire import (
 )
 from .errors import RETRYABLE, ServerError
 
-__all__ = ["AsyncClient", "Client", "ReferenceInfo", "Result", "ServerError", "TokenValues"]
+__all__ = ["AsyncClient", "Client", "QueryAnswer", "ReferenceInfo", "Result", "ServerError", "TokenValues"]
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 2**20
 
@@ -88,6 +93,22 @@ class _Tracker:
             raise self.failure
         if self.ids:  # an OK end with requests unanswered breaks the contract: never silent
             raise ServerError(grpc.StatusCode.INTERNAL, f"{len(self.ids)} requests got no result")
+
+
+class _Queries:
+    """Query requests (wire id = position) and their answers back (under the sample's id)."""
+
+    def __init__(self, top: int) -> None:
+        self.top = top
+        self.names: list[str] = []
+
+    def request(self, sample: Mapping[str, Any]) -> pb.QueryRequest:
+        self.names.append(sample_id(sample, len(self.names)))
+        return query_request(str(len(self.names) - 1), sample, self.top)
+
+    def answer(self, message: pb.QueryResult) -> QueryAnswer:
+        index = int(message.id)
+        return query_answer_of(message, self.names[index], index)
 
 
 def _reference_samples(name: str, samples: Iterable[Mapping[str, Any]],
@@ -180,6 +201,20 @@ class Client(_Base):
             call.cancel()  # a no-op when finished; frees the server's work when left early
         tracker.check()
 
+    def query_stream(self, samples: Iterable[Mapping[str, Any]], *, top: int = 10,
+                     timeout: float | None = None) -> Iterator[QueryAnswer]:
+        """For each sample, in order, the server index's stored samples of highest and lowest
+        value for it (``forvalue serve --index IDX``; the first replica's)."""
+        queries = _Queries(top)
+        call = self._stub.Query(map(queries.request, samples), metadata=self.metadata, timeout=timeout)
+        try:
+            for message in call:
+                yield queries.answer(message)
+        except grpc.RpcError as error:
+            raise ServerError.from_rpc(error) from None
+        finally:
+            call.cancel()
+
     def put_reference(self, name: str, samples: Iterable[Mapping[str, Any]], *, normalize: str = "none",
                       merge: bool = False, timeout: float | None = None, precondition: str | None = None,
                       damping: float | None = None, covariance: str | None = None) -> ReferenceInfo:
@@ -267,6 +302,18 @@ class AsyncClient(_Base):
         finally:
             call.cancel()
         tracker.check()
+
+    async def query_stream(self, samples: Iterable[Mapping[str, Any]], *, top: int = 10,
+                           timeout: float | None = None) -> AsyncIterator[QueryAnswer]:
+        queries = _Queries(top)
+        call = self._stub.Query(map(queries.request, samples), metadata=self.metadata, timeout=timeout)
+        try:
+            async for message in call:
+                yield queries.answer(message)
+        except grpc.RpcError as error:
+            raise ServerError.from_rpc(error) from None
+        finally:
+            call.cancel()
 
     async def put_reference(self, name: str, samples: Iterable[Mapping[str, Any]], *,
                             normalize: str = "none", merge: bool = False, timeout: float | None = None,

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import logging
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -21,9 +22,11 @@ from forvalue.engine.serving.async_engine import AsyncEngine, EngineClosed, Engi
 from forvalue.engine.valuation.reference import OWN_SAMPLES, Reference
 
 from .. import forvalue_pb2 as pb
-from ..wire import REFERENCE_NAME, BadSample, sample_of, score_result_message
+from ..wire import REFERENCE_NAME, BadSample, query_result_message, sample_of, score_result_message
 
 if TYPE_CHECKING:
+    from forvalue.engine import Index
+
     from .server import ServerLimits
 
 log = logging.getLogger("forvalue.server")
@@ -237,3 +240,15 @@ class ReferenceUpload:
             return self.engine.put_reference(self.name, reference, merge=self.merge)
         except ValueError as error:  # ReferenceMismatch: merging into another normalisation
             raise CallError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+
+
+async def answer_query(engine: AsyncEngine, index: Index, request: pb.QueryRequest) -> pb.QueryResult:
+    """One Query request: the index's answer for its sample (the target's forward pass and the
+    scan run on the engine's forward thread, between steps), or its error."""
+    started = time.perf_counter()
+    try:
+        sample = sample_of(request)
+        answer = (await engine.on_forward_thread(index.query, [sample], top=request.top or 10))[0]
+    except (BadSample, ValueError) as error:  # a SampleError, or no usable label
+        answer = {"error": str(error)}
+    return query_result_message(request.id, answer, time.perf_counter() - started)

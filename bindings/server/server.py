@@ -39,7 +39,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from forvalue.engine import Covariance, Reference, ValuationModel
+from forvalue.engine import Covariance, Index, Reference, ValuationModel
 from forvalue.engine.config import ValuationConfig
 from forvalue.engine.inputs.readers import read_samples
 from forvalue.engine.serving.async_engine import AsyncEngine
@@ -48,7 +48,7 @@ from .. import forvalue_pb2 as pb
 from .. import forvalue_pb2_grpc as pb_grpc
 from ..wire import REFERENCE_NAME, reference_info_message, stats_message
 from .auth import BearerToken
-from .calls import CallError, Progress, ReferenceUpload, ScoreStream
+from .calls import CallError, Progress, ReferenceUpload, ScoreStream, answer_query
 
 log = logging.getLogger("forvalue.server")
 
@@ -103,6 +103,7 @@ class ValuationServer:
             valuation = ValuationConfig.from_options("serve", valuation or {})
         self.valuation = valuation.replace(max_waiting=config.limits.queue_size)
         self.engine: AsyncEngine | None = None
+        self.index: Index | None = None  # answers Query
         self.port: int | None = None
         self.ready = False  # the model and the start-up references are resident
         self.draining = False
@@ -149,13 +150,17 @@ class ValuationServer:
         return port
 
     async def load(self, model: ValuationModel, references: Mapping[str, Any] | None = None, *,
-                   covariances: Mapping[str, Covariance] | None = None) -> None:
+                   covariances: Mapping[str, Covariance] | None = None,
+                   index: str | os.PathLike | None = None) -> None:
         """Start the engine on ``model``, hold ``covariances`` (name -> Covariance; the first is
-        the default of reference builds), install ``references`` (name -> a Reference, a
-        ``.safetensors`` file, a samples file, or a list of samples), then report SERVING."""
+        the default of reference builds), open ``index`` (a folder of ``forvalue index build``,
+        for Query), install ``references`` (name -> a Reference, a ``.safetensors`` file, a
+        samples file, or a list of samples), then report SERVING."""
         engine = AsyncEngine(model, self.valuation)
         await engine.__aenter__()
         self.engine = engine
+        if index is not None:
+            self.index = await engine.on_forward_thread(Index.open, index, model, progress=False)
         for number, (name, covariance) in enumerate((covariances or {}).items()):
             engine.put_covariance(name, covariance, default=number == 0)
         for name, source in (references or {}).items():
@@ -249,6 +254,17 @@ class _Valuation(pb_grpc.ValuationServicer):
         if not REFERENCE_NAME.fullmatch(request.name):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad reference name {request.name!r}")
         return pb.DropReferenceResponse(dropped=engine.drop_reference(request.name))
+
+    async def Query(self, request_iterator: AsyncIterator[pb.QueryRequest],
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[pb.QueryResult]:
+        engine = await self._engine(context)
+        index = self.server.index
+        if index is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this server has no index: start it with --index IDX")
+        async with _CallSlot(self.server, context):
+            async for request in request_iterator:
+                yield await answer_query(engine, index, request)
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.Stats:
         engine = await self._engine(context)

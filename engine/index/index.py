@@ -280,7 +280,7 @@ class Index:
         states, errors = valuator.label_states(samples, errors="collect")
         states = [s for s in states if s is not None]
         if not states:
-            raise ValueError(f"no valid sample to query with ({len(errors)} skipped)")
+            raise ValueError(f"no valid sample to query with ({len(errors)} skipped; the first: {errors[0]})")
         config = self.config
         pre = None
         if config.precondition is not None:

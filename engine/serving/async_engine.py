@@ -15,10 +15,11 @@ builds wait for room). Every admitted request gets exactly one result: a value, 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from ..config import ValuationConfig
 from ..core.engine_core import BuildTask, EngineCore, ScoreTask
@@ -34,6 +35,8 @@ from ..valuation.scoring import ReferenceBuilder
 from .answers import Build, ScoreHandle, Waiter, latencies
 from .metrics import EngineMetrics, prometheus_text
 from .registry import ReferenceRegistry
+
+T = TypeVar("T")
 
 
 class EngineOverloaded(RuntimeError):
@@ -201,6 +204,13 @@ class AsyncEngine:
         reference = await asyncio.get_running_loop().run_in_executor(
             self._executor, build.builder.finish, build.skipped)
         return self.put_reference(name, reference, merge=merge)
+
+    async def on_forward_thread(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``function(*args, **kwargs)`` on the thread that runs the engine's steps, between two
+        steps: work that runs the model outside the engine (an index query) never overlaps a
+        step, whose hooks and buffers it shares."""
+        call = functools.partial(function, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def reference_config(self, normalize: str | None, precondition: str | None,
                           damping: float | None) -> ValuationConfig:

@@ -1,0 +1,82 @@
+"""Query on a server started with an index (``forvalue serve --index IDX``): each streamed
+sample's answer equals ``Index.query``'s, in order, beside Score on the same model; a bad sample
+is answered with its error and the stream goes on; a server without an index refuses Query."""
+
+import asyncio
+import threading
+
+import grpc
+import pytest
+import torch
+
+from forvalue.bindings import AsyncClient, Client, ServerError
+from forvalue.bindings.server.server import ServerConfig, ValuationServer
+from forvalue.engine import Index, ValuationConfig, load_model
+
+from tiny_models import random_samples, tiny_model
+
+TRAIN, VALID = random_samples(12, seed=96), random_samples(3, seed=97)
+
+
+class Server:
+    """A ValuationServer on its own event loop in a background thread."""
+
+    def __init__(self, model, index=None):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = ValuationServer(ServerConfig(port=0), {"max_batch_tokens": 64})
+        self.address = f"127.0.0.1:{self.call(self.server.start())}"
+        self.call(self.server.load(model, {"valid": VALID}, index=index))
+
+    def call(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(60)
+
+    def close(self):
+        self.call(self.server.drain(grace=5))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    model = load_model(tiny_model("untied", seed=98), dtype=torch.float64)
+    folder = tmp_path_factory.mktemp("served") / "index"
+    Index.build(TRAIN, folder, model=model, config=ValuationConfig(batch_tokens=64), sketch_rows=32,
+                progress=False)
+    server = Server(model, folder)
+    yield server, Index.open(folder, model, progress=False)
+    server.close()
+
+
+def test_query_answers_what_the_index_answers_beside_score(served):
+    server, index = served
+    expected = index.query(VALID, top=3)
+    queries = [*VALID[:2], {"id": "bad", "input_ids": [1], "loss_mask": [1]}, VALID[2]]
+    with Client(server.address) as client:
+        answers = list(client.query_stream(queries, top=3))
+        scored = list(client.score_stream(VALID, reference="valid"))
+    assert [a.id for a in answers] == [s["id"] for s in VALID[:2]] + ["bad", VALID[2]["id"]]
+    assert "bad" in answers[2].id and answers[2].error and not answers[2].most
+    for answer, want in zip([answers[0], answers[1], answers[3]], expected, strict=True):
+        assert answer.error == ""
+        assert [i for i, _ in answer.most] == [n["id"] for n in want["most"]]
+        assert [v for _, v in answer.least] == pytest.approx([n["value"] for n in want["least"]], rel=1e-5)
+    assert len(scored) == 3 and all(r.error == "" for r in scored)
+
+    async def first_async():
+        async with AsyncClient(server.address) as client:
+            return [a async for a in client.query_stream(VALID[:1], top=2)]
+
+    (answer,) = asyncio.run(first_async())
+    assert [i for i, _ in answer.most] == [n["id"] for n in expected[0]["most"][:2]]
+
+
+def test_a_server_without_an_index_refuses_query():
+    server = Server(load_model(tiny_model("untied", seed=99), dtype=torch.float64))
+    try:
+        with Client(server.address) as client, pytest.raises(ServerError) as raised:
+            list(client.query_stream(VALID))
+        assert raised.value.code == grpc.StatusCode.FAILED_PRECONDITION and "--index" in str(raised.value)
+    finally:
+        server.close()
