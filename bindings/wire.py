@@ -313,20 +313,22 @@ def reference_info_of(message: pb.ReferenceInfo) -> ReferenceInfo:
                          message.damping, message.covariance, message.fingerprint)
 
 
-def stats_message(stats: Any, active_streams: int, prometheus_text: str) -> pb.Stats:
-    """The message of the engine's stats, with the server's own figures."""
+def stats_message(stats: Any, active_streams: int, prometheus_text: str, index: str = "") -> pb.Stats:
+    """The message of the engine's stats, with the server's own figures (``index``: the
+    fingerprint of its index)."""
     latency = {phase: pb.Quantiles(p50=q.get(0.5, 0.0), p90=q.get(0.9, 0.0), p99=q.get(0.99, 0.0))
                for phase, q in stats.latency.items()}
     return pb.Stats(waiting=stats.waiting, running=stats.running, references=stats.references,
                     steps=stats.steps, tokens_total=stats.tokens_total,
                     tokens_per_second=stats.tokens_per_second, requests=stats.requests,
-                    latency=latency, active_streams=active_streams, prometheus_text=prometheus_text)
+                    latency=latency, active_streams=active_streams, prometheus_text=prometheus_text,
+                    index=index)
 
 
 def stats_of(message: pb.Stats) -> dict[str, Any]:
     stats = {name: getattr(message, name) for name in (
         "waiting", "running", "references", "steps", "tokens_total", "tokens_per_second",
-        "active_streams", "prometheus_text")}
+        "active_streams", "prometheus_text", "index")}
     stats["requests"] = dict(message.requests)
     stats["latency"] = {phase: {"p50": q.p50, "p90": q.p90, "p99": q.p99}
                         for phase, q in message.latency.items()}

@@ -1,8 +1,10 @@
 """Query on a server started with an index (``forvalue serve --index IDX``): each streamed
 sample's answer equals ``Index.query``'s, in order, beside Score on the same model; a bad sample
-is answered with its error and the stream goes on; a server without an index refuses Query."""
+is answered with its error and the stream goes on; ``forvalue stream --query`` writes the
+answers and resumes; a server without an index refuses Query."""
 
 import asyncio
+import json
 import threading
 
 import grpc
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 from forvalue.bindings import AsyncClient, Client, ServerError
+from forvalue.bindings.cli import main
 from forvalue.bindings.server.server import ServerConfig, ValuationServer
 from forvalue.engine import Index, ValuationConfig, load_model
 
@@ -80,3 +83,22 @@ def test_a_server_without_an_index_refuses_query():
         assert raised.value.code == grpc.StatusCode.FAILED_PRECONDITION and "--index" in str(raised.value)
     finally:
         server.close()
+
+
+def test_forvalue_stream_query_writes_and_resumes(served, tmp_path, capsys):
+    server, index = served
+    samples = tmp_path / "answers.jsonl"
+    samples.write_text("".join(json.dumps(s) + "\n" for s in VALID))
+    out = tmp_path / "why.jsonl"
+    command = ["stream", "--server", server.address, "--query", "--top", "2", "--input", str(samples),
+               "--out", str(out)]
+    assert main([*command, "--limit", "1"]) == 0
+    assert main(command) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["id"] for line in lines] == [s["id"] for s in VALID]
+    expected = index.query(VALID, top=2)
+    found = [[stored for stored, _ in line["most"]] for line in lines]
+    assert found == [[n["id"] for n in answer["most"]] for answer in expected]
+    assert main(["stream", "--server", server.address, "--reference", "valid", "--input", str(samples),
+                 "--out", str(out)]) == 2
+    assert "holds values of another job" in capsys.readouterr().err

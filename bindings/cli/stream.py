@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from forvalue.engine.inputs.readers import read_samples
 from forvalue.engine.inputs.samples import sample_id_of
 
-from ..client import Client, ReferenceInfo, ServerError
+from ..client import Client, QueryAnswer, ReferenceInfo, ServerError
 from ..client.errors import RETRYABLE
 from ..jobs.job_record import claim_output, stream_identity
 from ..jobs.result_log import ResultLog, errors_path
@@ -31,26 +32,27 @@ from .report import user_error
 SYNC_SECONDS = 0.5
 
 
-def stream_file(server: str, reference: str, input_path: str | os.PathLike, out: str | os.PathLike, *,
+def stream_file(server: str, reference: str | None, input_path: str | os.PathLike, out: str | os.PathLike, *,
                 token: str | None = None, tls: bool = False, root_certificates: str | Path | None = None,
                 limit: int | None = None, priority: int = 0, retries: int = 3, overwrite: bool = False,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, query_top: int | None = None) -> dict[str, Any]:
     """Value every sample of ``input_path`` on ``server`` (``host:port``, or replicas as
     ``a:port,b:port``: see replicas.py) against ``reference``, appending
     results to ``out`` (errors to ``OUT.errors.jsonl``). Samples already in either file are
     skipped, so an interrupted run resumes where it stopped; an ``out`` of another job (another
     input file or reference) is refused unless ``overwrite`` (job_record.py). ``limit``: value
     at most this many new samples in this run. A call refused as UNAVAILABLE or RESOURCE_EXHAUSTED is retried
-    ``retries`` times with backoff, resuming the same way."""
+    ``retries`` times with backoff, resuming the same way. ``query_top``: instead of values, each
+    sample's ``query_top`` most and least valuable stored samples from the server's index
+    (Query; ``reference`` unused), the job identified by the index's fingerprint."""
     if limit is not None and limit < 0:
         raise ValueError(f"--limit must be >= 0, got {limit}")
     samples = read_samples(input_path)
     ids = _unique_ids(samples)
     files = JobFiles(Path(out))
     with Client(server.split(","), token, tls=tls, root_certificates=root_certificates) as client:
-        info = _reference_info(client, reference)
-        claim_output(files.job, (files.out, files.errors),
-                     stream_identity(input_path, reference, info.fingerprint), overwrite=overwrite)
+        identity = _identity(client, input_path, reference, query_top)
+        claim_output(files.job, (files.out, files.errors), identity, overwrite=overwrite)
         with ResultLog(files.out, sync_seconds=SYNC_SECONDS) as log:
             done = log.done("id")
             todo = [i for i, sample_id in enumerate(ids) if sample_id not in done][:limit]
@@ -58,8 +60,10 @@ def stream_file(server: str, reference: str, input_path: str | os.PathLike, out:
                       desc=f"stream {Path(input_path).name}", disable=not progress) as bar:
                 for attempt in range(retries + 1):
                     try:
-                        _stream_once(client, reference, samples, ids, todo, log, bar, priority,
-                                     Path(input_path).parent)
+                        payload = _payload(samples, ids, todo, Path(input_path).parent)
+                        answers = (client.score_stream(payload, reference, priority=priority)
+                                   if query_top is None else client.query_stream(payload, top=query_top))
+                        _log_answers(answers, ids, todo, log, bar)
                         break
                     except ServerError as error:
                         if error.code not in RETRYABLE or attempt == retries:
@@ -73,20 +77,39 @@ def stream_file(server: str, reference: str, input_path: str | os.PathLike, out:
             "out": str(out), "errors_file": str(errors_path(Path(out)))}
 
 
-def _stream_once(client: Client, reference: str, samples: list[Any], ids: list[str], todo: list[int],
-                 log: ResultLog, bar: Any, priority: int, image_root: Path) -> None:
+def _identity(client: Client, input_path: str | os.PathLike, reference: str | None,
+              query_top: int | None) -> Any:
+    """The job's identity: the input and the server's reference, or its index for queries."""
+    if query_top is None:
+        if reference is None:
+            raise ValueError("give --reference NAME (or --query for the server's index)")
+        return stream_identity(input_path, reference, _reference_info(client, reference).fingerprint)
+    if query_top < 1:
+        raise ValueError(f"--top must be positive, got {query_top}")
+    index = client.stats()["index"]
+    if not index:
+        raise ValueError("the server has no index to query: start it with --index IDX")
+    return stream_identity(input_path, f"query top {query_top}", index)
+
+
+def _payload(samples: list[Any], ids: list[str], todo: list[int], image_root: Path) -> Iterator[Any]:
     # Every sample goes out with an id, so a result maps back to its input line.
-    payload = (resolve_image_paths({**samples[i], "id": ids[i]}, image_root) if isinstance(samples[i], dict)
-               else samples[i] for i in todo)
-    for result in client.score_stream(payload, reference, priority=priority):
-        index = todo[result.index]
-        if result.error:
-            record = {"id": ids[index], "index": index, "error": result.error}
+    return (resolve_image_paths({**samples[i], "id": ids[i]}, image_root) if isinstance(samples[i], dict)
+            else samples[i] for i in todo)
+
+
+def _log_answers(answers: Iterator[Any], ids: list[str], todo: list[int], log: ResultLog, bar: Any) -> None:
+    for answer in answers:
+        index = todo[answer.index]
+        record: dict[str, Any] = {"id": ids[index], "index": index}
+        if answer.error:
+            record["error"] = answer.error
+        elif isinstance(answer, QueryAnswer):
+            record.update(most=answer.most, least=answer.least)
         else:
-            record = {"id": ids[index], "index": index, "value": result.value,
-                      "num_tokens": result.num_tokens, "num_labels": result.num_labels,
-                      **({"truncated": True} if result.truncated else {})}
-        log.add([record], failed=bool(result.error))
+            record.update(value=answer.value, num_tokens=answer.num_tokens, num_labels=answer.num_labels,
+                          **({"truncated": True} if answer.truncated else {}))
+        log.add([record], failed=bool(answer.error))
         bar.update(1)
 
 
@@ -118,8 +141,11 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", required=True, metavar="HOST:PORT[,HOST:PORT...]",
                         help="the server, or replicas of it (comma-separated): one stream each, a "
                              "failed replica's samples re-sent to the others")
-    parser.add_argument("--reference", required=True, metavar="NAME",
-                        help="a reference resident on the server")
+    parser.add_argument("--reference", metavar="NAME", help="a reference resident on the server")
+    parser.add_argument("--query", action="store_true",
+                        help="instead of values: each sample's most and least valuable stored training "
+                             "samples from the server's index (forvalue serve --index)")
+    parser.add_argument("--top", type=int, default=10, help="with --query: stored samples per side")
     parser.add_argument("--input", required=True, type=Path,
                         help="samples: a JSONL file, a parquet file or a saved dataset folder")
     parser.add_argument("--out", required=True, type=Path,
@@ -144,7 +170,7 @@ def run_stream(args: argparse.Namespace) -> int:
         summary = stream_file(args.server, args.reference, args.input, args.out,
                               token=read_token(args.token_file), tls=args.tls, root_certificates=args.tls_ca,
                               limit=args.limit, priority=args.priority, retries=args.retries,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, query_top=args.top if args.query else None)
     except ServerError as error:
         print(f"forvalue: error: server {args.server}: {error}; rerun the same command to resume",
               file=sys.stderr)

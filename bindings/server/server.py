@@ -268,7 +268,8 @@ class _Valuation(pb_grpc.ValuationServicer):
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.Stats:
         engine = await self._engine(context)
-        return stats_message(engine.stats(), len(self.server.streams), self.server.prometheus_text())
+        index = "" if self.server.index is None else self.server.index.fingerprint
+        return stats_message(engine.stats(), len(self.server.streams), self.server.prometheus_text(), index)
 
     async def _engine(self, context: grpc.aio.ServicerContext) -> AsyncEngine:
         engine = self.server.engine_or_none()

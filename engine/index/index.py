@@ -10,6 +10,8 @@ valuable training samples). The index also grows (``append``), forgets (``delete
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +146,14 @@ class Index:
     def samples(self) -> int:
         """Samples stored and not deleted."""
         return sum(e["samples"] for e in self.manifest["shards"]) - len(self.manifest["deleted"])
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of what answers a query: the identity, the shards and the deleted ids."""
+        manifest = self.manifest
+        content = json.dumps([manifest["identity"], manifest["labelling"], manifest["shards"],
+                              sorted(manifest["deleted"])], sort_keys=True)
+        return hashlib.sha256(content.encode()).hexdigest()[:32]
 
     def ids(self) -> list[str]:
         deleted = set(self.manifest["deleted"])
