@@ -111,40 +111,41 @@ class Target:
         sample_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
         per_sample = torch.zeros((len(sizes), self.groups), dtype=torch.float64)
         per_sample.index_add_(0, sample_of, per_token.double())
-        return per_sample / self._norms(z, gram, sizes)[:, None]
+        return per_sample / sample_norms(z, gram, sizes, self.normalize)[:, None]
 
     def _whiten(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.float()
         return hidden if self.preconditioner is None else self.preconditioner.whiten(hidden)
 
-    def _norms(self, z: torch.Tensor, gram: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        """Each sample's divisor under ``normalize``; cosine's ``sum g_ts (z_t . z_s)`` from the
-        stored gram and the states padded to the batch's longest sample."""
-        if self.normalize == "none":
-            return torch.ones(len(sizes), dtype=torch.float64)
-        if self.normalize == "mean":
-            return torch.tensor(sizes, dtype=torch.float64)
-        padded = torch.nn.utils.rnn.pad_sequence(z.split(sizes), batch_first=True)
-        longest = padded.shape[1]
-        counts = torch.tensor(sizes)
-        sample = torch.repeat_interleave(torch.arange(len(sizes)), counts * counts)
-        starts = torch.cumsum(counts * counts, 0) - counts * counts
-        within = torch.arange(len(gram)) - starts[sample]
-        g = torch.zeros((len(sizes), longest, longest))
-        g[sample, within // counts[sample], within % counts[sample]] = gram.float()
-        squared = (torch.bmm(padded, padded.transpose(1, 2)) * g).sum((1, 2)).double()
-        return squared.clamp_min(0).sqrt()
+
+def sample_norms(z: torch.Tensor, gram: torch.Tensor, sizes: list[int], normalize: str) -> torch.Tensor:
+    """Each sample's divisor under ``normalize`` (float64); cosine's ``sum g_ts (z_t . z_s)``
+    from the stored gram and the states padded to the batch's longest sample."""
+    if normalize == "none":
+        return torch.ones(len(sizes), dtype=torch.float64)
+    if normalize == "mean":
+        return torch.tensor(sizes, dtype=torch.float64)
+    padded = torch.nn.utils.rnn.pad_sequence(z.split(sizes), batch_first=True)
+    longest = padded.shape[1]
+    counts = torch.tensor(sizes)
+    sample = torch.repeat_interleave(torch.arange(len(sizes)), counts * counts)
+    starts = torch.cumsum(counts * counts, 0) - counts * counts
+    within = torch.arange(len(gram)) - starts[sample]
+    g = torch.zeros((len(sizes), longest, longest))
+    g[sample, within // counts[sample], within % counts[sample]] = gram.float()
+    squared = (torch.bmm(padded, padded.transpose(1, 2)) * g).sum((1, 2)).double()
+    return squared.clamp_min(0).sqrt()
 
 
 def target_of(states: list[LabelStates], math: LabelMath, sketch: torch.Tensor, pre: Preconditioner | None,
               normalize: str, columns: str) -> Target:
     """The target of validation samples' label states: one group, their mean (``columns="mean"``:
     select's ``Gbar``), or a group per sample (``"each"``: pairwise values)."""
-    norms = torch.tensor([math.norm(s, normalize, pre) for s in states], dtype=torch.float64)
-    hidden, labels, sizes = stack(states)
-    errors = kernels.error_sketch(hidden, math.model.head_weight, labels, sketch.to(hidden),
-                                  **math.kernel_kwargs())
-    whitened = hidden.float() if pre is None else pre.whiten(hidden.float())
+    encoded = encode(states, math, sketch)  # the target's own gram gives its exact norms
+    sizes = encoded.sizes
+    whitened = encoded.hidden.float() if pre is None else pre.whiten(encoded.hidden.float())
+    norms = sample_norms(whitened.cpu(), encoded.gram.cpu(), sizes, normalize)
+    errors = encoded.errors
     owner = torch.repeat_interleave(torch.arange(len(states)), torch.tensor(sizes))
     per_token = (1.0 / norms)[owner]
     if columns == "mean":
