@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,21 +26,23 @@ from ..inputs.readers import read_samples
 from ..inputs.samples import SampleError, sample_fingerprint, sample_id_of
 from ..model.loading import ValuationModel
 from ..valuation.precondition import MomentAccumulator, Preconditioner, resolve_damping
-from ..valuation.ranking import round_robin
+from ..valuation.ranking import choose
 from ..valuator import Valuator
+from . import coarse
 from .layout import SKETCH_ROWS, Sketch, Target, target_of
 from .store import (
-    FORMAT,
     STORAGE,
     IndexMismatch,
     Shard,
+    ShardChunk,
     check_model,
     claim_folder,
+    describe,
     new_manifest,
     read_manifest,
     write_manifest,
 )
-from .writer import SHARD_SAMPLES, ShardWriter, default_id, moment_sum
+from .writer import SHARD_SAMPLES, ShardWriter, default_id, moment_sum, samples_of
 
 # The options that decide what is stored (how samples are labelled and read); the others
 # (normalize, precondition, damping) are chosen per query.
@@ -106,7 +108,7 @@ class Index:
         valuator = Valuator(model, config=config, progress=progress)
         sketch = Sketch(valuator.model.vocab_size, sketch_rows, seed)
         matrix = sketch.matrix()
-        samples, source = _samples_of(train)
+        samples, source = samples_of(train)
         labelling = {key: getattr(config, key) for key in STORED_OPTIONS}
         manifest = new_manifest(valuator.model, labelling, sketch.describe(matrix), storage, source,
                                 f"{index}/{n}")
@@ -122,7 +124,7 @@ class Index:
         """Store more samples (a new source; a rerun of an interrupted append resumes it);
         returns how many were stored. Ids must be new: give samples an "id" to be sure."""
         valuator = self._needs_model("append")
-        samples, source = _samples_of(train)
+        samples, source = samples_of(train)
         sources = self.manifest["sources"]
         number = next((i for i, s in enumerate(sources) if s["fingerprint"] == source["fingerprint"]),
                       len(sources))
@@ -174,18 +176,8 @@ class Index:
     def info(self) -> dict[str, Any]:
         """What the index holds, how it was built and its size on disk."""
         entries = self._entries()
-        stored_bytes = sum((self.folder / e["file"]).stat().st_size for e in entries)
-        tokens = sum(e["tokens"] for e in entries)
-        identity = self.manifest["identity"]
-        return {"folder": str(self.folder), "format": FORMAT, "model": self.manifest["model_name"],
-                "samples": self.samples, "deleted": len(self.manifest["deleted"]),
-                "failed": len(self.manifest["failed"]), "label_tokens": tokens, "shards": len(entries),
-                "bytes": stored_bytes, "bytes_per_sample": self._bytes_per_sample(tokens),
-                "storage": identity["storage"], "sketch": identity["sketch"],
-                "hidden_features": int(identity["hidden_size"]), "labelling": self.manifest["labelling"],
-                "sources": [{**s, "rows_stored": self._rows_covered(i)}
-                            for i, s in enumerate(self.manifest["sources"])],
-                "forvalue_version": identity["forvalue_version"]}
+        return {"folder": str(self.folder), "samples": self.samples,
+                **describe(self.folder, self.manifest, [self._shard(e).sizes for e in entries])}
 
     def values(self, valid: Sequence[dict], *, columns: str = "mean") -> IndexValues:
         """Every stored sample's value against the validation set ``valid``: one column, the
@@ -212,11 +204,16 @@ class Index:
         found = self.values(valid, columns="mean" if strategy == "top" else "each")
         return [found.ids[i] for i in sorted(choose(found.values, ratio, strategy))]
 
-    def query(self, samples: Sequence[dict], *, top: int = 10) -> list[dict[str, Any]]:
+    def query(self, samples: Sequence[dict], *, top: int = 10, exact: bool = False) -> list[dict[str, Any]]:
         """Per sample: the ``top`` stored samples of highest and of lowest value for it, with
-        their values; ``P`` from the pool (one sample has no covariance of its own)."""
+        their values; ``P`` from the pool (one sample has no covariance of its own). Unless
+        ``exact``, a pool larger than the shortlists is first narrowed by coarse vectors
+        (engine/index/coarse.py) and only the shortlists are valued from the stored tokens."""
         target, errors = self.prepare_target(samples, "each", from_pool=True)
-        ids, _, _, values = self.scan([target])
+        if exact or self.samples <= 2 * max(coarse.SHORTLIST, 8 * top):
+            ids, _, _, values = self.scan([target])
+        else:
+            ids, values = self._shortlisted(target, top)
         failed = {e.index for e in errors}
         usable = [i for i in range(len(samples)) if i not in failed]
         answers = []
@@ -227,6 +224,36 @@ class Index:
         for error in errors:
             answers.append({"position": error.index, "error": str(error)})
         return sorted(answers, key=lambda answer: answer["position"])
+
+    def _shortlisted(self, target: Target, top: int) -> tuple[list[str], np.ndarray]:
+        """Ids and exact values of the samples the coarse vectors shortlist for ``target``."""
+        sketch = self._coarse_sketch()
+        places = self._coarse(target.preconditioner, sketch).shortlist(sketch.target_vectors(target), top)
+        by_shard: dict[int, list[int]] = {}
+        for number, position in places:
+            by_shard.setdefault(number, []).append(position)
+        ids, parts = [], []
+        for number, positions in by_shard.items():
+            shard = self._shard(self.manifest["shards"][number])
+            chunk = shard.gather(positions)
+            parts.append(target.values(chunk.hidden, chunk.errors, chunk.gram, chunk.sizes).numpy())
+            ids.extend(shard.ids[p] for p in positions)
+        return ids, np.concatenate(parts)
+
+    def _coarse_sketch(self) -> coarse.CoarseSketch:
+        identity = self.manifest["identity"]
+        return coarse.CoarseSketch(identity["sketch"]["rows"], int(identity["hidden_size"]),
+                                   identity["sketch"]["seed"])
+
+    def _coarse(self, pre: Preconditioner | None, sketch: coarse.CoarseSketch) -> coarse.CoarseVectors:
+        """The coarse vectors for this index and the query options: saved ones, else built."""
+        stamp = {"index": self.fingerprint, "normalize": self.config.normalize,
+                 "damping": "none" if pre is None else repr(pre.damping)}
+        found = coarse.load(self.folder, stamp)
+        if found is None:
+            found = coarse.build(self._live_chunks(), sketch, pre, self.config.normalize)
+            coarse.save(self.folder, found, stamp)
+        return found
 
     # ------------------------------------------------------------------ editing
 
@@ -319,54 +346,34 @@ class Index:
     def scan(self, targets: list[Target]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         """Ids, sources, rows and values of every live stored sample against every group of
         ``targets``, one chunk of one shard in memory at a time."""
-        deleted = set(self.manifest["deleted"])
         ids, sources, rows, parts = [], [], [], []
-        entries = self._entries()
-        for entry in tqdm(entries, desc="scan", unit="shard", disable=not self.progress or len(entries) < 2):
-            shard = self._shard(entry)
-            keep = {p for p, i in enumerate(shard.ids) if i not in deleted}
-            shard_rows = shard.tensor("rows").tolist()
-            for chunk in shard.chunks(SCAN_TOKENS, keep if deleted else None):
-                values = torch.cat([t.values(chunk.hidden, chunk.errors, chunk.gram, chunk.sizes)
-                                    for t in targets], dim=1)
-                live = [j for j, p in enumerate(chunk.positions) if p in keep]
-                parts.append(values[live].numpy())
-                ids.extend(shard.ids[chunk.positions[j]] for j in live)
-                rows.extend(shard_rows[chunk.positions[j]] for j in live)
-                sources.extend([entry["source"]] * len(live))
+        for number, chunk, live in self._live_chunks():
+            entry, shard = self.manifest["shards"][number], self._shard(self.manifest["shards"][number])
+            values = torch.cat([t.values(chunk.hidden, chunk.errors, chunk.gram, chunk.sizes)
+                                for t in targets], dim=1)
+            parts.append(values[live].numpy())
+            positions = [chunk.positions[j] for j in live]
+            ids.extend(shard.ids[p] for p in positions)
+            rows.extend(shard.rows[p] for p in positions)
+            sources.extend([entry["source"]] * len(live))
         groups = sum(t.groups for t in targets)
         values = np.concatenate(parts) if parts else np.zeros((0, groups))
         return ids, np.asarray(sources, dtype=np.int64), np.asarray(rows, dtype=np.int64), values
 
+    def _live_chunks(self) -> Iterator[tuple[int, ShardChunk, list[int]]]:
+        """(shard entry number, chunk, the chunk's rows not deleted) over every stored sample."""
+        deleted = set(self.manifest["deleted"])
+        entries = [(n, e) for n, e in enumerate(self.manifest["shards"]) if e["file"]]
+        quiet = not self.progress or len(entries) < 2
+        for number, entry in tqdm(entries, desc="scan", unit="shard", disable=quiet):
+            shard = self._shard(entry)
+            keep = {p for p, i in enumerate(shard.ids) if i not in deleted}
+            for chunk in shard.chunks(SCAN_TOKENS, keep if deleted else None):
+                yield number, chunk, [j for j, p in enumerate(chunk.positions) if p in keep]
+
     def _covers(self, source: int, row: int) -> bool:
         return any(e["source"] == source and e["rows"][0] <= row < e["rows"][1]
                    for e in self.manifest["shards"])
-
-    def _rows_covered(self, source: int) -> int:
-        return sum(e["rows"][1] - e["rows"][0] for e in self.manifest["shards"] if e["source"] == source)
-
-    def _bytes_per_sample(self, tokens: int) -> float:
-        """Stored bytes per sample, the per-shard covariance left out (it does not grow with samples)."""
-        identity = self.manifest["identity"]
-        width = STORAGE[identity["storage"]].itemsize
-        count = sum(e["samples"] for e in self._entries())
-        if count == 0:
-            return 0.0
-        per_token = (int(identity["hidden_size"]) + identity["sketch"]["rows"]) * width
-        squares = sum(sum(n * n for n in self._shard(e).sizes) for e in self._entries())
-        return (tokens * per_token + squares * 4 + count * 16) / count
-
-
-def choose(values: np.ndarray, ratio: float, strategy: str) -> list[int]:
-    """Positions chosen from values (``(n, 1)`` for top, ``(n, groups)`` for round-robin)."""
-    finite = np.isfinite(values).all(axis=1)
-    keep = int(np.ceil(ratio * finite.sum()))
-    if strategy == "top":
-        column = np.where(finite, values[:, 0], -np.inf)
-        return [int(i) for i in np.argsort(-column, kind="stable")[:keep]]
-    if strategy == "round-robin":
-        return round_robin(np.where(finite[:, None], values, -np.inf), keep)
-    raise ValueError(f"strategy must be 'top' or 'round-robin', got {strategy!r}")
 
 
 def _moments_of(states: list[Any]) -> tuple[torch.Tensor, int]:
@@ -374,12 +381,3 @@ def _moments_of(states: list[Any]) -> tuple[torch.Tensor, int]:
     for s in states:
         moments.add(s.hidden)
     return moments.moment_sum, moments.tokens
-
-
-def _samples_of(train: Sequence[dict] | str | Path) -> tuple[Sequence[dict], dict[str, Any]]:
-    """The samples and their source entry (a path, or "samples" for a list given in Python)."""
-    samples = read_samples(str(train)) if isinstance(train, (str, Path)) else train
-    if len(samples) == 0:
-        raise ValueError(f"no samples in {train if isinstance(train, (str, Path)) else 'the list given'}")
-    path = str(train) if isinstance(train, (str, Path)) else "samples"
-    return samples, {"path": path, "fingerprint": sample_fingerprint(samples), "rows": len(samples)}

@@ -52,7 +52,7 @@ class ShardChunk:
     errors: torch.Tensor
     gram: torch.Tensor
     sizes: list[int]
-    positions: range  # the samples' positions in the shard
+    positions: range | list[int]  # the samples' positions in the shard
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -94,6 +94,7 @@ class Shard:
                 raise IndexMismatch(f"index shard {path} is not a shard of this version (missing {missing})")
             self.ids: list[str] = json.loads(metadata["ids"])
             self.sizes = self._file.get_tensor("sizes").tolist()
+            self.rows = self._file.get_tensor("rows").tolist()
         except (OSError, SafetensorError, KeyError, ValueError) as error:
             if isinstance(error, IndexMismatch):
                 raise
@@ -131,6 +132,12 @@ class Shard:
                 yield self._read(positions)
             start = stop
 
+    def gather(self, positions: list[int]) -> ShardChunk:
+        """The samples at ``positions`` (any order), read one by one."""
+        parts = [self._read(range(p, p + 1)) for p in positions]
+        return ShardChunk(torch.cat([c.hidden for c in parts]), torch.cat([c.errors for c in parts]),
+                          torch.cat([c.gram for c in parts]), [c.sizes[0] for c in parts], positions)
+
     def _read(self, positions: range) -> ShardChunk:
         first, last = positions.start, positions.stop
         tokens = slice(self.token_starts[first], self.token_starts[last])
@@ -140,6 +147,28 @@ class Shard:
                               self._file.get_slice("gram")[grams], self.sizes[first:last], positions)
         except (OSError, SafetensorError) as error:
             raise IndexMismatch(f"cannot read index shard {self.path}: {error}") from None
+
+
+def describe(folder: Path, manifest: dict[str, Any], sizes: list[list[int]]) -> dict[str, Any]:
+    """``info`` of an index: what the manifest says, bytes on disk and bytes per stored sample
+    (``sizes``: label tokens per sample of each shard; the per-shard covariance left out, it
+    does not grow with samples)."""
+    entries = [e for e in manifest["shards"] if e["file"]]
+    identity = manifest["identity"]
+    count, tokens = sum(len(s) for s in sizes), sum(map(sum, sizes))
+    width = STORAGE[identity["storage"]].itemsize
+    per_token = (int(identity["hidden_size"]) + identity["sketch"]["rows"]) * width
+    squares = sum(n * n for shard in sizes for n in shard)
+    sources = [{**source, "rows_stored": sum(e["rows"][1] - e["rows"][0] for e in manifest["shards"]
+                                             if e["source"] == number)}
+               for number, source in enumerate(manifest["sources"])]
+    return {"format": FORMAT, "model": manifest["model_name"], "deleted": len(manifest["deleted"]),
+            "failed": len(manifest["failed"]), "label_tokens": tokens, "shards": len(entries),
+            "bytes": sum((folder / e["file"]).stat().st_size for e in entries),
+            "bytes_per_sample": (tokens * per_token + squares * 4 + count * 16) / count if count else 0.0,
+            "storage": identity["storage"], "sketch": identity["sketch"],
+            "hidden_features": int(identity["hidden_size"]), "labelling": manifest["labelling"],
+            "sources": sources, "forvalue_version": identity["forvalue_version"]}
 
 
 def new_manifest(model: ValuationModel, labelling: dict[str, Any], sketch: dict[str, Any], storage: str,

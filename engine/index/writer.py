@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..inputs.samples import SampleError, sample_id_of, subset_of
+from ..inputs.readers import read_samples
+from ..inputs.samples import SampleError, sample_fingerprint, sample_id_of, subset_of
 from ..valuator import Valuator
 from .layout import Encoded, encode
 from .store import STORAGE, write_manifest, write_shard
@@ -89,3 +90,12 @@ def split(encoded: Encoded) -> tuple[tuple[torch.Tensor, ...], ...]:
     """Each sample's (hidden, errors, gram) of an encoded batch."""
     return (encoded.hidden.split(encoded.sizes), encoded.errors.split(encoded.sizes),
             encoded.gram.split([n * n for n in encoded.sizes]))
+
+
+def samples_of(train: Sequence[dict] | str | Path) -> tuple[Sequence[dict], dict[str, Any]]:
+    """The samples and their source entry (a path, or "samples" for a list given in Python)."""
+    samples = read_samples(str(train)) if isinstance(train, (str, Path)) else train
+    if len(samples) == 0:
+        raise ValueError(f"no samples in {train if isinstance(train, (str, Path)) else 'the list given'}")
+    path = str(train) if isinstance(train, (str, Path)) else "samples"
+    return samples, {"path": path, "fingerprint": sample_fingerprint(samples), "rows": len(samples)}

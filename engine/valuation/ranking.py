@@ -72,3 +72,15 @@ def round_robin(values: np.ndarray, count: int) -> list[int]:
             if len(taken) == count:
                 break
     return taken
+
+
+def choose(values: np.ndarray, ratio: float, strategy: str) -> list[int]:
+    """Positions chosen from values (``(n, 1)`` for top, ``(n, groups)`` for round-robin)."""
+    finite = np.isfinite(values).all(axis=1)
+    keep = int(np.ceil(ratio * finite.sum()))
+    if strategy == "top":
+        column = np.where(finite, values[:, 0], -np.inf)
+        return [int(i) for i in np.argsort(-column, kind="stable")[:keep]]
+    if strategy == "round-robin":
+        return round_robin(np.where(finite[:, None], values, -np.inf), keep)
+    raise ValueError(f"strategy must be 'top' or 'round-robin', got {strategy!r}")
