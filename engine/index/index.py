@@ -314,10 +314,12 @@ class Index:
         """The target of ``samples`` (their forward pass; ``P`` from them, or from the pool),
         and their bad samples."""
         valuator = self._needs_model("a query")
+        if not samples:
+            raise ValueError("no samples to query with")
         states, errors = valuator.label_states(samples, errors="collect")
         states = [s for s in states if s is not None]
         if not states:
-            raise ValueError(f"no valid sample to query with ({len(errors)} skipped; the first: {errors[0]})")
+            raise ValueError(f"no valid sample to query with (the first error: {errors[0]})")
         config = self.config
         pre = None
         if config.precondition is not None:

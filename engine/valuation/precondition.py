@@ -19,6 +19,7 @@ Everything is accumulated and factored in float64; results are cast to the model
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -164,10 +165,16 @@ class Preconditioner:
         self.lam = self.damping * float(torch.trace(A)) / d
         if not self.lam > 0:
             raise ValueError("the covariance is zero (all hidden states vanish): nothing to precondition")
-        self.effective_rank = effective_rank(moment_sum)
+        self._moment_sum = moment_sum
         M = A + self.lam * torch.eye(d, dtype=torch.float64, device=A.device)
         self.factor = torch.linalg.cholesky(M)  # lower C, M = C C^T
         self._head: tuple[torch.Tensor, torch.Tensor] | None = None  # (W, W C), built on first use
+
+    @functools.cached_property
+    def effective_rank(self) -> int:
+        """``A``'s numerical rank, reported with a reference (an eigendecomposition: computed
+        when asked for, not by every query that only whitens)."""
+        return effective_rank(self._moment_sum)
 
     def whiten(self, hidden: torch.Tensor) -> torch.Tensor:
         """``h' = C^-1 h`` per row, in ``hidden``'s dtype (computed in float64)."""
