@@ -58,6 +58,9 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     query.add_argument("index", type=Path)
     query.add_argument("--samples", required=True, help="the samples to explain")
     query.add_argument("--top", type=int, default=10, help="stored samples per side (default 10)")
+    query.add_argument("--exact", action="store_true",
+                       help="value every stored sample (by default a large pool is first shortlisted "
+                            "by coarse vectors)")
     query.add_argument("--out", type=Path, required=True, help="JSONL: {id, most, least} per sample")
     _model_and_options(query, INDEX_QUERY)
     delete = commands.add_parser("delete", help="forget samples by id (compact frees their bytes)")
@@ -162,7 +165,7 @@ def _query(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise ValueError(f"--top must be positive, got {args.top}")
     samples = read_samples(args.samples)
-    answers = _open(args, with_model=True, command=INDEX_QUERY).query(samples, top=args.top)
+    answers = _open(args, with_model=True, command=INDEX_QUERY).query(samples, top=args.top, exact=args.exact)
     lines = [{"id": sample_id_of(samples[a["position"]], str(a["position"])),
               **{k: v for k, v in a.items() if k != "position"}} for a in answers]
     write_jsonl_atomic(args.out, lines)
