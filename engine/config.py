@@ -30,7 +30,8 @@ JOBS = ("score", "select", "serve")
 INDEX_BUILD, INDEX_QUERY = "index-build", "index-query"
 VALUING = (*JOBS, INDEX_QUERY)
 LABELLING = (*JOBS, "covariance", "warmup", INDEX_BUILD)
-FORWARD = (*JOBS, "covariance", INDEX_BUILD, INDEX_QUERY)
+FORWARD = (*JOBS, "covariance", INDEX_BUILD)
+FORWARD_STEPS = (*FORWARD, INDEX_QUERY)  # how forward steps are batched and run
 SERVING = ("serve",)
 
 
@@ -68,16 +69,17 @@ class ValuationConfig:
                                commands=LABELLING)
     max_length: int | None = _option(None, "truncate longer samples (keeps the start) instead of "
                                      "refusing them", commands=LABELLING)
-    batch_tokens: int = _option(4096, "tokens per forward step", commands=FORWARD,
+    batch_tokens: int = _option(4096, "tokens per forward step", commands=FORWARD_STEPS,
                                 aliases=("--max-batch-tokens",), changes_values=False)
     max_seqs: int = _option(256, "samples per forward step (packed steps of short samples)",
-                            commands=FORWARD, changes_values=False)
+                            commands=FORWARD_STEPS, changes_values=False)
     attention: str = _option("auto", "packed attention per segment (varlen), FlexAttention with a "
                              "document mask (flex), padded length buckets (buckets), or the best "
                              "the model's probe allows on this device (auto)",
-                             commands=FORWARD, choices=ATTENTION_MODES, changes_values=False)
+                             commands=FORWARD_STEPS, choices=ATTENTION_MODES, changes_values=False)
     backend: str = _option("auto", "kernel implementation: Triton on CUDA, chunked torch on CPU "
-                           "(auto), or forced", commands=FORWARD, choices=BACKENDS, changes_values=False)
+                           "(auto), or forced", commands=FORWARD_STEPS, choices=BACKENDS,
+                           changes_values=False)
     policy: str = _option("fcfs", "order of waiting requests: first come first served, or by "
                           "priority (lower first)", commands=SERVING, choices=POLICIES, changes_values=False)
     max_waiting: int | None = _option(None, "bound of the waiting queue (None: unbounded)", commands=(),

@@ -1,5 +1,6 @@
 """The index's costs on this machine, measured side by side in one run, on the selection task
-(``forvalue eval``'s, full size: 400 distinct training chats, 40 validation chats):
+(``forvalue eval``'s, full size: 400 distinct training chats, 40 validation chats; here, beside
+the task generator, rather than in perf/, because it needs distinct samples for its recall):
 
 - **build** against ``forvalue score`` with the same options (select's default: A from the
   target, cosine, the skip readout) on the same pool;
@@ -11,7 +12,7 @@
 - **10 targets** (the validation chats in 10 groups) on ``--targets-pool`` training chats:
   one index build and one scan for all, against 10 exact ``select`` valuations.
 
-    python -m forvalue.bench.perf.index_speed --tile 20000 --out bench/results/index/speed.json
+    python -m forvalue.bench.evals.index_speed --tile 20000 --out bench/results/index/speed.json
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import numpy as np
 from safetensors import safe_open
 
 from forvalue.bench.common import load_average, machine
-from forvalue.bench.evals.tasks import make_task
 from forvalue.engine import Index, ValuationConfig, Valuator, load_model
 from forvalue.engine.index import coarse
 from forvalue.engine.index.store import read_manifest, write_manifest, write_shard
+
+from .tasks import make_task
 
 
 def tile(folder: Path, samples: int) -> None:
@@ -124,7 +126,7 @@ def main() -> None:
     model = load_model("smollm2-135m")
     config = ValuationConfig.for_command("select")
     task = make_task("selection", "full", 0)
-    command = (f"python -m forvalue.bench.perf.index_speed --tile {args.tile} "
+    command = (f"python -m forvalue.bench.evals.index_speed --tile {args.tile} "
                f"--targets-pool {args.targets_pool}")
     result = {"machine": machine(), "command": command, "pool": len(task.train), "valid": len(task.valid)}
     with tempfile.TemporaryDirectory() as root:
