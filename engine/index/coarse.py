@@ -63,13 +63,18 @@ class CoarseVectors:
     norms: torch.Tensor  # (n,) float64
     places: torch.Tensor  # (n, 2) int64: (shard entry number, position in the shard)
 
-    def shortlist(self, queries: torch.Tensor, top: int) -> list[tuple[int, int]]:
-        """The places of the ``max(SHORTLIST, 8 top)`` best and worst samples of each query."""
+    def shortlist(self, queries: torch.Tensor, top: int) -> dict[int, tuple[list[int], torch.Tensor]]:
+        """The ``max(SHORTLIST, 8 top)`` best and worst samples of each query: per shard entry
+        number, their positions in the shard and their norms."""
         scores = (self.vectors.float() @ queries.T).double() / self.norms[:, None]
         count = min(len(scores), max(SHORTLIST, 8 * top))
         chosen = torch.cat([scores.topk(count, dim=0).indices.reshape(-1),
                             (-scores).topk(count, dim=0).indices.reshape(-1)]).unique()
-        return [tuple(place) for place in self.places[chosen].tolist()]
+        by_shard: dict[int, tuple[list[int], torch.Tensor]] = {}
+        for number in self.places[chosen, 0].unique().tolist():
+            mine = chosen[self.places[chosen, 0] == number]
+            by_shard[number] = (self.places[mine, 1].tolist(), self.norms[mine])
+        return by_shard
 
 
 def build(chunks: Iterator[tuple[int, ShardChunk, list[int]]], sketch: CoarseSketch,

@@ -10,6 +10,7 @@ valuable training samples). The index also grows (``append``), forgets (``delete
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
@@ -81,6 +82,10 @@ class Index:
         if self.valuator is not None:
             check_model(self.folder, self.manifest, self.valuator.model)
         self._shards: dict[str, Shard] = {}
+        # Read once per state of the index (its fingerprint and the options): a query in a
+        # server reads neither the shards' moments nor the coarse vectors again.
+        self._held_moments: tuple[str, tuple[torch.Tensor, int]] | None = None
+        self._held_coarse: tuple[str, coarse.CoarseVectors] | None = None
 
     # ------------------------------------------------------------------ making one
 
@@ -137,7 +142,7 @@ class Index:
         if number == len(sources):
             sources.append(source)
         before = self.samples
-        writer = ShardWriter(self.folder, self.manifest, valuator, self._sketch_matrix(),
+        writer = ShardWriter(self.folder, self.manifest, valuator, self._sketch,
                              shard_samples=shard_samples, progress=self.progress)
         writer.fill(number, samples, range(len(samples)))
         return self.samples - before
@@ -228,15 +233,12 @@ class Index:
     def _shortlisted(self, target: Target, top: int) -> tuple[list[str], np.ndarray]:
         """Ids and exact values of the samples the coarse vectors shortlist for ``target``."""
         sketch = self._coarse_sketch()
-        places = self._coarse(target.preconditioner, sketch).shortlist(sketch.target_vectors(target), top)
-        by_shard: dict[int, list[int]] = {}
-        for number, position in places:
-            by_shard.setdefault(number, []).append(position)
+        shortlist = self._coarse(target.preconditioner, sketch).shortlist(sketch.target_vectors(target), top)
         ids, parts = [], []
-        for number, positions in by_shard.items():
+        for number, (positions, norms) in shortlist.items():
             shard = self._shard(self.manifest["shards"][number])
             chunk = shard.gather(positions)
-            parts.append(target.values(chunk.hidden, chunk.errors, chunk.gram, chunk.sizes).numpy())
+            parts.append(target.values(chunk.hidden, chunk.errors, chunk.gram, chunk.sizes, norms).numpy())
             ids.extend(shard.ids[p] for p in positions)
         return ids, np.concatenate(parts)
 
@@ -246,14 +248,17 @@ class Index:
                                    identity["sketch"]["seed"])
 
     def _coarse(self, pre: Preconditioner | None, sketch: coarse.CoarseSketch) -> coarse.CoarseVectors:
-        """The coarse vectors for this index and the query options: saved ones, else built."""
+        """The coarse vectors for this index and the query options: held, saved, else built."""
         stamp = {"index": self.fingerprint, "normalize": self.config.normalize,
                  "damping": "none" if pre is None else repr(pre.damping)}
-        found = coarse.load(self.folder, stamp)
-        if found is None:
-            found = coarse.build(self._live_chunks(), sketch, pre, self.config.normalize)
-            coarse.save(self.folder, found, stamp)
-        return found
+        key = json.dumps(stamp, sort_keys=True)
+        if self._held_coarse is None or self._held_coarse[0] != key:
+            found = coarse.load(self.folder, stamp)
+            if found is None:
+                found = coarse.build(self._live_chunks(), sketch, pre, self.config.normalize)
+                coarse.save(self.folder, found, stamp)
+            self._held_coarse = (key, found)
+        return self._held_coarse[1]
 
     # ------------------------------------------------------------------ editing
 
@@ -299,7 +304,9 @@ class Index:
             self._shards[entry["file"]] = Shard(self.folder / entry["file"], entry)
         return self._shards[entry["file"]]
 
-    def _sketch_matrix(self) -> torch.Tensor:
+    @functools.cached_property
+    def _sketch(self) -> torch.Tensor:
+        """``R``, drawn again from the seed (and checked to be the one the index was built with)."""
         described = self.manifest["identity"]["sketch"]
         kind_rows = 0 if described["kind"] == "identity" else described["rows"]
         sketch = Sketch(int(self.manifest["identity"]["vocab_size"]), kind_rows, described["seed"])
@@ -324,9 +331,15 @@ class Index:
         pre = None
         if config.precondition is not None:
             damping = resolve_damping(config.precondition, config.damping, from_pool)
-            moments, tokens = self._pool_moments() if from_pool else _moments_of(states)
+            moments, tokens = self._pool_moments_held() if from_pool else _moments_of(states)
             pre = Preconditioner(moments, tokens, damping)
-        return target_of(states, valuator.math, self._sketch_matrix(), pre, config.normalize, columns), errors
+        return target_of(states, valuator.math, self._sketch, pre, config.normalize, columns), errors
+
+    def _pool_moments_held(self) -> tuple[torch.Tensor, int]:
+        """``_pool_moments``, read once per state of the index."""
+        if self._held_moments is None or self._held_moments[0] != self.fingerprint:
+            self._held_moments = (self.fingerprint, self._pool_moments())
+        return self._held_moments[1]
 
     def _pool_moments(self) -> tuple[torch.Tensor, int]:
         """The pool's ``sum h h^T`` and token count, deleted samples taken out."""

@@ -82,12 +82,15 @@ def encode(states: list[LabelStates], math: LabelMath, sketch: torch.Tensor) -> 
 
 @dataclass
 class Target:
-    """What a scan values against, in the target's space: its tokens' whitened states ``z_s``
-    and sketched errors ``u_s``, and ``weights`` (``S x groups``): the weight of token ``s`` in
-    each group's sum (``1 / (norm(b) count)`` for a validation set's mean, ``1 / norm(b)`` for
-    one sample's own column)."""
+    """What a scan values against: the target's tokens' states moved into the stored side's
+    space, ``P h_s`` (so ``z_t . z_s = h_t . P h_s`` needs no whitening of what is stored),
+    their whitened states ``z_s`` (for the coarse vectors), sketched errors ``u_s``, and
+    ``weights`` (``S x groups``): the weight of token ``s`` in each group's sum
+    (``1 / (norm(b) count)`` for a validation set's mean, ``1 / norm(b)`` for one sample's
+    own column)."""
 
-    whitened: torch.Tensor  # (S, D) float32
+    projected: torch.Tensor  # (S, D) float32: P h_s
+    whitened: torch.Tensor  # (S, D) float32: C^-1 h_s
     errors: torch.Tensor  # (S, k) float32
     weights: torch.Tensor  # (S, groups) float32
     preconditioner: Preconditioner | None
@@ -97,25 +100,25 @@ class Target:
     def groups(self) -> int:
         return self.weights.shape[1]
 
-    def values(self, hidden: torch.Tensor, errors: torch.Tensor, gram: torch.Tensor,
-               sizes: list[int]) -> torch.Tensor:
-        """``(samples, groups)`` float64: the stored samples' values against each group."""
-        z = self._whiten(hidden)
-        u = errors.float()
-        S, D, k = self.whitened.shape[0], z.shape[1], u.shape[1]
-        if self.groups * D * k < S * (D + k):  # per group the k x D matrix M = sum_s w_s u_s z_s^T
-            matrices = [(self.errors * w[:, None]).T @ self.whitened for w in self.weights.T]
-            per_token = torch.stack([((z @ M.T) * u).sum(1) for M in matrices], dim=1)
-        else:  # token pairs: (z_t . z_s)(u_t . u_s), summed over s with each group's weights
-            per_token = ((z @ self.whitened.T) * (u @ self.errors.T)) @ self.weights
+    def values(self, hidden: torch.Tensor, errors: torch.Tensor, gram: torch.Tensor, sizes: list[int],
+               norms: torch.Tensor | None = None) -> torch.Tensor:
+        """``(samples, groups)`` float64: the stored samples' values against each group.
+        ``norms``: the samples' divisors when known (the coarse vectors keep them under the
+        pool's ``P``); else computed, which whitens the stored states for cosine."""
+        h, u = hidden.float(), errors.float()
+        S, D, k = self.projected.shape[0], h.shape[1], u.shape[1]
+        if self.groups * D * k < S * (D + k):  # per group the k x D matrix M = sum_s w_s u_s (P h_s)^T
+            matrices = [(self.errors * w[:, None]).T @ self.projected for w in self.weights.T]
+            per_token = torch.stack([((h @ M.T) * u).sum(1) for M in matrices], dim=1)
+        else:  # token pairs: (h_t . P h_s)(u_t . u_s), summed over s with each group's weights
+            per_token = ((h @ self.projected.T) * (u @ self.errors.T)) @ self.weights
         sample_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
         per_sample = torch.zeros((len(sizes), self.groups), dtype=torch.float64)
         per_sample.index_add_(0, sample_of, per_token.double())
-        return per_sample / sample_norms(z, gram, sizes, self.normalize)[:, None]
-
-    def _whiten(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.float()
-        return hidden if self.preconditioner is None else self.preconditioner.whiten(hidden)
+        if norms is None:
+            z = h if self.preconditioner is None else self.preconditioner.whiten(h)
+            norms = sample_norms(z, gram, sizes, self.normalize)
+        return per_sample / norms[:, None]
 
 
 def sample_norms(z: torch.Tensor, gram: torch.Tensor, sizes: list[int], normalize: str) -> torch.Tensor:
@@ -153,4 +156,5 @@ def target_of(states: list[LabelStates], math: LabelMath, sketch: torch.Tensor, 
     else:
         weights = torch.zeros((len(owner), len(states)), dtype=torch.float64)
         weights[torch.arange(len(owner)), owner] = per_token
-    return Target(whitened.cpu(), errors.float().cpu(), weights.float(), pre, normalize)
+    projected = encoded.hidden.float() if pre is None else pre.apply(encoded.hidden.double()).float()
+    return Target(projected.cpu(), whitened.cpu(), errors.float().cpu(), weights.float(), pre, normalize)
