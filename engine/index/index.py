@@ -11,7 +11,6 @@ valuable training samples). The index also grows (``append``), forgets (``delete
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from .store import (
     check_model,
     claim_folder,
     describe,
+    fingerprint,
     new_manifest,
     read_manifest,
     write_manifest,
@@ -157,10 +157,7 @@ class Index:
     @property
     def fingerprint(self) -> str:
         """A digest of what answers a query: the identity, the shards and the deleted ids."""
-        manifest = self.manifest
-        content = json.dumps([manifest["identity"], manifest["labelling"], manifest["shards"],
-                              sorted(manifest["deleted"])], sort_keys=True)
-        return hashlib.sha256(content.encode()).hexdigest()[:32]
+        return fingerprint(self.manifest)
 
     def ids(self) -> list[str]:
         deleted = set(self.manifest["deleted"])
@@ -234,13 +231,15 @@ class Index:
         """Ids and exact values of the samples the coarse vectors shortlist for ``target``."""
         sketch = self._coarse_sketch()
         shortlist = self._coarse(target.preconditioner, sketch).shortlist(sketch.target_vectors(target), top)
-        ids, parts = [], []
-        for number, (positions, norms) in shortlist.items():
+        ids, chunks, norms = [], [], []
+        for number, (positions, shard_norms) in shortlist.items():
             shard = self._shard(self.manifest["shards"][number])
-            chunk = shard.gather(positions)
-            parts.append(target.values(chunk.hidden, chunk.errors, chunk.gram, chunk.sizes, norms).numpy())
+            chunks.append(shard.gather(positions))
+            norms.append(shard_norms)
             ids.extend(shard.ids[p] for p in positions)
-        return ids, np.concatenate(parts)
+        stored = [torch.cat([getattr(c, part) for c in chunks]) for part in ("hidden", "errors", "gram")]
+        sizes = [n for c in chunks for n in c.sizes]
+        return ids, target.values(*stored, sizes, torch.cat(norms)).numpy()
 
     def _coarse_sketch(self) -> coarse.CoarseSketch:
         identity = self.manifest["identity"]

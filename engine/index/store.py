@@ -16,6 +16,7 @@ only complete shards and a rerun builds the rest.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -147,6 +148,13 @@ class Shard:
                               self._file.get_slice("gram")[grams], self.sizes[first:last], positions)
         except (OSError, SafetensorError) as error:
             raise IndexMismatch(f"cannot read index shard {self.path}: {error}") from None
+
+
+def fingerprint(manifest: dict[str, Any]) -> str:
+    """A digest of what answers a query: the identity, the shards and the deleted ids."""
+    content = json.dumps([manifest["identity"], manifest["labelling"], manifest["shards"],
+                          sorted(manifest["deleted"])], sort_keys=True)
+    return hashlib.sha256(content.encode()).hexdigest()[:32]
 
 
 def describe(folder: Path, manifest: dict[str, Any], sizes: list[list[int]]) -> dict[str, Any]:
