@@ -36,7 +36,8 @@ def compact(index: Index) -> int:
             entry["file"] = f"shard-{number:05d}-c{_generation(old)}.safetensors"
             write_shard(folder / entry["file"], _kept_tensors(shard, keep), [shard.ids[p] for p in keep])
             size -= (folder / entry["file"]).stat().st_size
-        manifest["deleted"] = [i for i in manifest["deleted"] if i not in set(shard.ids)]
+        rewritten = set(shard.ids)
+        manifest["deleted"] = [i for i in manifest["deleted"] if i not in rewritten]
         write_manifest(folder, manifest)
         old.unlink()
         freed += size

@@ -37,6 +37,7 @@ from .store import (
     ShardChunk,
     check_model,
     claim_folder,
+    covered_rows,
     describe,
     fingerprint,
     new_manifest,
@@ -133,9 +134,10 @@ class Index:
         sources = self.manifest["sources"]
         number = next((i for i, s in enumerate(sources) if s["fingerprint"] == source["fingerprint"]),
                       len(sources))
+        covered = covered_rows(self.manifest, number)
         repeated = set(self.ids()).intersection(
             sample_id_of(sample, default_id(number, row)) for row, sample in enumerate(samples)
-            if not self._covers(number, row))
+            if row not in covered)
         if repeated:
             raise IndexMismatch(f"{len(repeated)} appended sample id(s) are already in the index (e.g. "
                                 f"{sorted(repeated)[0]!r}): give the samples unique \"id\" fields")
@@ -348,9 +350,8 @@ class Index:
             shard = self._shard(entry)
             gone = [p for p, i in enumerate(shard.ids) if i in deleted]
             part = shard.tensor("moment_sum")
-            if gone:
-                hidden = shard.tensor("hidden")
-                part = part - sum(moment_sum(hidden[shard.token_range(p)]) for p in gone)
+            if gone:  # read only the deleted samples' states
+                part = part - moment_sum(shard.gather(gone).hidden)
             total = part if total is None else total + part
             tokens += entry["tokens"] - sum(shard.sizes[p] for p in gone)
         if total is None or tokens == 0:
@@ -384,10 +385,6 @@ class Index:
             keep = {p for p, i in enumerate(shard.ids) if i not in deleted}
             for chunk in shard.chunks(SCAN_TOKENS, keep if deleted else None):
                 yield number, chunk, [j for j, p in enumerate(chunk.positions) if p in keep]
-
-    def _covers(self, source: int, row: int) -> bool:
-        return any(e["source"] == source and e["rows"][0] <= row < e["rows"][1]
-                   for e in self.manifest["shards"])
 
 
 def _moments_of(states: list[Any]) -> tuple[torch.Tensor, int]:

@@ -115,9 +115,9 @@ class Target:
         sample_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
         per_sample = torch.zeros((len(sizes), self.groups), dtype=torch.float64)
         per_sample.index_add_(0, sample_of, per_token.double())
-        if norms is None:
-            z = h if self.preconditioner is None else self.preconditioner.whiten(h)
-            norms = sample_norms(z, gram, sizes, self.normalize)
+        if norms is None:  # cosine's norms need the stored states whitened; none and mean do not
+            whiten = self.normalize == "cosine" and self.preconditioner is not None
+            norms = sample_norms(self.preconditioner.whiten(h) if whiten else h, gram, sizes, self.normalize)
         return per_sample / norms[:, None]
 
 

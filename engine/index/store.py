@@ -17,6 +17,7 @@ only complete shards and a rerun builds the rest.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 from collections.abc import Iterator
@@ -105,16 +106,8 @@ class Shard:
             raise IndexMismatch(f"index shard {path} does not hold what the manifest says ({len(self.ids)} "
                               f"samples, {sum(self.sizes)} tokens; expected {entry['samples']}, "
                               f"{entry['tokens']}): rebuild it")
-        self.token_starts = [0]
-        for n in self.sizes:
-            self.token_starts.append(self.token_starts[-1] + n)
-        self.gram_starts = [0]
-        for n in self.sizes:
-            self.gram_starts.append(self.gram_starts[-1] + n * n)
-
-    def token_range(self, position: int) -> slice:
-        """Where the sample at ``position`` has its tokens."""
-        return slice(self.token_starts[position], self.token_starts[position + 1])
+        self.token_starts = list(itertools.accumulate(self.sizes, initial=0))
+        self.gram_starts = list(itertools.accumulate((n * n for n in self.sizes), initial=0))
 
     def tensor(self, name: str) -> torch.Tensor:
         return self._file.get_tensor(name)
@@ -150,6 +143,11 @@ class Shard:
             raise IndexMismatch(f"cannot read index shard {self.path}: {error}") from None
 
 
+def covered_rows(manifest: dict[str, Any], source: int) -> set[int]:
+    """The rows of ``source`` that shards cover (stored, or bad and recorded as failed)."""
+    return {row for entry in manifest["shards"] if entry["source"] == source for row in range(*entry["rows"])}
+
+
 def fingerprint(manifest: dict[str, Any]) -> str:
     """A digest of what answers a query: the identity, the shards and the deleted ids."""
     content = json.dumps([manifest["identity"], manifest["labelling"], manifest["shards"],
@@ -167,8 +165,7 @@ def describe(folder: Path, manifest: dict[str, Any], sizes: list[list[int]]) -> 
     width = STORAGE[identity["storage"]].itemsize
     per_token = (int(identity["hidden_size"]) + identity["sketch"]["rows"]) * width
     squares = sum(n * n for shard in sizes for n in shard)
-    sources = [{**source, "rows_stored": sum(e["rows"][1] - e["rows"][0] for e in manifest["shards"]
-                                             if e["source"] == number)}
+    sources = [{**source, "rows_stored": len(covered_rows(manifest, number))}
                for number, source in enumerate(manifest["sources"])]
     return {"format": FORMAT, "model": manifest["model_name"], "deleted": len(manifest["deleted"]),
             "failed": len(manifest["failed"]), "label_tokens": tokens, "shards": len(entries),

@@ -19,7 +19,7 @@ from ..inputs.readers import read_samples
 from ..inputs.samples import SampleError, sample_fingerprint, sample_id_of, subset_of
 from ..valuator import Valuator
 from .layout import Encoded, encode
-from .store import STORAGE, write_manifest, write_shard
+from .store import STORAGE, covered_rows, write_manifest, write_shard
 
 SHARD_SAMPLES = 2048  # rows per shard: about 100 MB at 50 KiB per sample, one shard in memory
 
@@ -44,8 +44,7 @@ class ShardWriter:
 
     def fill(self, source: int, samples: Sequence[dict], rows: range) -> None:
         """Store the rows of ``rows`` that no shard covers yet."""
-        covered = {row for entry in self.manifest["shards"] if entry["source"] == source
-                   for row in range(*entry["rows"])}
+        covered = covered_rows(self.manifest, source)
         todo = [row for row in rows if row not in covered]
         chunks = [todo[i:i + self.shard_samples] for i in range(0, len(todo), self.shard_samples)]
         for chunk in tqdm(chunks, desc="index", unit="shard", disable=not self.progress or len(chunks) < 2):
