@@ -85,3 +85,8 @@ def test_mistakes_end_in_one_line(workdir, tmp_path, capsys):
     assert "ratio" in capsys.readouterr().err
     assert main(["index", "delete", str(index), "--ids", "nobody"]) == 2
     assert "not in the index" in capsys.readouterr().err
+    for flag, value, message in (("--sketch-rows", "-1", "sketch_rows must be >= 0"),
+                                 ("--shard-samples", "0", "shard_samples must be positive")):
+        assert run(workdir, "index", "build", "--train", str(workdir / "train.jsonl"), "--out",
+                   str(tmp_path / "other"), flag, value) == 2
+        assert message in capsys.readouterr().err

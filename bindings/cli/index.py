@@ -113,7 +113,8 @@ def _build(args: argparse.Namespace) -> int:
     index = Index.build(args.train, args.out, model=_model(args), config=config_from_args(args, INDEX_BUILD),
                         sketch_rows=SKETCH_ROWS if args.sketch_rows is None else args.sketch_rows,
                         seed=args.seed, storage=args.storage, shard=(shard.index, shard.count),
-                        shard_samples=args.shard_samples or SHARD_SAMPLES, overwrite=args.overwrite)
+                        shard_samples=SHARD_SAMPLES if args.shard_samples is None else args.shard_samples,
+                        overwrite=args.overwrite)
     print_summary(_brief(index.info()))
     return 0
 
@@ -137,13 +138,14 @@ def _select(args: argparse.Namespace) -> int:
     from forvalue.engine.inputs.readers import read_samples
 
     index = _open(args, with_model=True, command=INDEX_QUERY)
+    # The pool is read (and checked unchanged) before the scan, not after it.
+    sources = [index.source_samples(i) for i in range(len(index.manifest["sources"]))]
     columns = "mean" if args.strategy == "top" else "each"
     found = index.values_many([read_samples(v) for v in args.valid], columns=columns)
-    sources = [index.source_samples(i) for i in range(len(index.manifest["sources"]))]
     offsets = [sum(len(s) for s in sources[:i]) for i in range(len(sources))]
     pool = [sample for samples in sources for sample in samples]
     for valid, out, values in zip(args.valid, args.out, found, strict=True):
-        positions = offsets_of(values, offsets)
+        positions = _positions(values, offsets)
         key = "value" if columns == "mean" else "values"
         records = [{"id": i, "index": p, key: row[0] if columns == "mean" else row.tolist()}
                    for i, p, row in zip(values.ids, positions, values.values, strict=True)]
@@ -153,7 +155,7 @@ def _select(args: argparse.Namespace) -> int:
     return 0
 
 
-def offsets_of(values: Any, offsets: list[int]) -> list[int]:
+def _positions(values: Any, offsets: list[int]) -> list[int]:
     """Each stored sample's position in the sources read one after another."""
     return [offsets[s] + int(r) for s, r in zip(values.sources, values.rows, strict=True)]
 

@@ -107,6 +107,8 @@ class Index:
         (without one: select's readout and values)."""
         if storage not in STORAGE:
             raise ValueError(f"storage must be one of {tuple(STORAGE)}, got {storage!r}")
+        if sketch_rows < 0:
+            raise ValueError(f"sketch_rows must be >= 0 (0: the identity sketch), got {sketch_rows}")
         index, n = shard
         if not 0 <= index < n:
             raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{n}")
