@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from forvalue.engine import Index, IndexMismatch, ValuationConfig, Valuator, load_model
-from forvalue.engine.index import coarse, writer
-from forvalue.engine.index.layout import Sketch, encode, target_of
+from forvalue.engine.index import coarse, lists, writer
+from forvalue.engine.index.layout import Sketch, encode, moments_of, target_of
 from forvalue.engine.index.store import MANIFEST
+from forvalue.engine.valuation.precondition import Preconditioner
 
 from tiny_models import random_samples, tiny_model
 
@@ -185,21 +186,28 @@ def test_what_does_not_match_is_refused_by_name(pool, tmp_path):
         Index.open(tmp_path)
 
 
-def test_coarse_vectors_estimate_the_value_without_bias():
-    """<x(a), x(b)> over 400 seeds of the coarse sketch: mean within 4 standard errors of the
-    value the stored tokens give (with the identity sketch: the exact raw value)."""
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "target-P-over-pool-P"])
+def test_coarse_vectors_estimate_the_value_without_bias(precondition):
+    """<x(a), x(target)> over 400 seeds of the coarse sketch: mean within 4 standard errors of
+    the value the stored tokens give (with the identity sketch: the exact raw value), also when
+    the stored vectors are whitened with the pool's P and the target's value has its own P."""
     model = load_model(tiny_model("untied", seed=100), dtype=torch.float64)
     valuator = Valuator(model, config=ValuationConfig(batch_tokens=48), progress=False)
-    a, b = valuator.label_states(random_samples(2, seed=101, min_len=8))
+    a, b, *pool = valuator.label_states(random_samples(6, seed=101, min_len=8))
     sketch = Sketch(model.vocab_size, EXACT, 0).matrix().double()
     stored = encode([a], valuator.math, sketch)
-    target = target_of([b], valuator.math, sketch, None, "none", "mean")
+    pool_pre, target_pre = None, None
+    if precondition:  # two different P: the pool's and the target's
+        pool_pre = Preconditioner(*moments_of(pool), damping=0.1)
+        target_pre = Preconditioner(*moments_of([b, *pool[:1]]), damping=0.3)
+    target = target_of([b], valuator.math, sketch, target_pre, "none", "mean")
     exact = float(target.values(stored.hidden, stored.errors, stored.gram, stored.sizes)[0, 0])
+    z = stored.hidden if pool_pre is None else pool_pre.whiten(stored.hidden)
     draws = []
     for seed in range(400):
         coarse_sketch = coarse.CoarseSketch(model.vocab_size, model.hidden_size, seed)
-        x = coarse_sketch.vectors(stored.hidden, stored.errors, stored.sizes)[0]
-        draws.append(float(x @ coarse_sketch.target_vectors(target)[0]))
+        x = coarse_sketch.vectors(z, stored.errors, stored.sizes)[0]
+        draws.append(float(x @ coarse_sketch.target_vectors(target, pool_pre)[0]))
     draws = np.array(draws)
     assert abs(draws.mean() - exact) < 4 * draws.std(ddof=1) / np.sqrt(len(draws))
 
@@ -209,7 +217,7 @@ def test_a_shortlisted_query_values_its_candidates_exactly_and_keeps_its_vectors
     train, queries = random_samples(40, seed=103), random_samples(3, seed=104)
     config = ValuationConfig(normalize="cosine", precondition="input", batch_tokens=64)
     index = build(model, train, tmp_path / "index", config, sketch_rows=32, shard_samples=16)
-    monkeypatch.setattr(coarse, "SHORTLIST", 6)  # 40 samples > 2 x 16 shortlisted per side
+    monkeypatch.setattr(coarse, "CANDIDATES", 6)  # 40 samples > 2 x 8 candidates per side
     found = index.query(queries, top=2)
     saved = (index.folder / coarse.COARSE_FILE).stat().st_mtime_ns
     assert index.query(queries, top=2) == found  # the saved vectors, read again
@@ -223,3 +231,72 @@ def test_a_shortlisted_query_values_its_candidates_exactly_and_keeps_its_vectors
     index.delete([train[0]["id"]])
     index.query(queries, top=2)
     assert (index.folder / coarse.COARSE_FILE).stat().st_mtime_ns != saved  # built again
+
+
+def test_select_with_a_shortlist_chooses_among_exact_values(tmp_path):
+    """A shortlist covering the pool gives exact select's choice; ``shortlist=0`` chooses on the
+    coarse estimates, which are the stored vectors' estimates under the pool's P."""
+    model = load_model(tiny_model("untied", seed=105), dtype=torch.float64)
+    train, valid = random_samples(30, seed=106), random_samples(4, seed=107)
+    config = ValuationConfig(normalize="cosine", precondition="input", batch_tokens=64)
+    index = build(model, train, tmp_path / "index", config, sketch_rows=32, shard_samples=8)
+    for strategy in ("top", "round-robin"):
+        exact = index.select(valid, 0.2, strategy=strategy)
+        assert index.select(valid, 0.2, strategy=strategy, shortlist=20) == exact  # all valued exactly
+    found = index.values(valid, shortlist=0.3)
+    assert found.estimated.sum() == 30 - 9 and sorted(found.ids) == sorted(s["id"] for s in train)
+    exact = index.values(valid)
+    rows = found.exact_rows()
+    assert found.values[rows, 0] == pytest.approx(exact.values[rows, 0], rel=1e-6)  # float32 sums
+    search = index._search
+    target, _ = index.prepare_target(valid, "mean", from_pool=False)
+    vectors = search.vectors()
+    estimates = vectors.estimates(search.sketch().target_vectors(target, index.pool_preconditioner()))
+    assert found.values[found.estimated, 0] == pytest.approx(estimates[found.estimated, 0].numpy())
+    best = np.argsort(-estimates[:, 0].numpy(), kind="stable")[:6]
+    assert index.select(valid, 0.2, shortlist=0) == [found.ids[i] for i in sorted(best)]
+    with pytest.raises(ValueError, match="shortlist must be >= 0"):
+        index.select(valid, 0.2, shortlist=-1)
+
+
+def test_inverted_lists_find_what_a_full_read_finds():
+    """Every list probed: the candidates of a full read; a few lists of clustered vectors: the
+    best and the worst per query are still found (clusters in opposite pairs, so that a
+    query's worst samples are a cluster too)."""
+    generator = torch.Generator().manual_seed(108)
+    half = torch.randn(20, 2048, generator=generator)
+    centres = torch.cat([half, -half])
+    vectors = (centres.repeat_interleave(100, 0) + 0.3 * torch.randn(4000, 2048, generator=generator))
+    found = coarse.CoarseVectors(vectors.to(torch.bfloat16), torch.rand(4000, dtype=torch.float64) + 1,
+                                 torch.zeros((4000, 2), dtype=torch.int64))
+    queries = centres[:5] + 0.1 * torch.randn(5, 2048, generator=generator)
+    full = found.candidates(queries, 20)
+    found.lists = lists.build(found.vectors, found.norms, seed=0)
+    assert found.lists.count == 63 and int(found.lists.starts[-1]) == 4000
+    assert sorted(found.lists.members.tolist()) == list(range(4000))
+    original = lists.PROBE_SHARE
+    try:
+        lists.PROBE_SHARE = 1.0
+        assert torch.equal(found.candidates(queries, 20), full)
+    finally:
+        lists.PROBE_SHARE = original
+    probed = found.candidates(queries, 20)
+    assert len(set(probed.tolist()) & set(full.tolist())) >= 0.95 * len(full)
+
+
+def test_a_query_through_lists_values_its_candidates_exactly(tmp_path, monkeypatch):
+    model = load_model(tiny_model("untied", seed=109), dtype=torch.float64)
+    train, queries = random_samples(48, seed=110), random_samples(2, seed=111)
+    config = ValuationConfig(normalize="cosine", precondition="input", batch_tokens=64)
+    index = build(model, train, tmp_path / "index", config, sketch_rows=32, shard_samples=16)
+    monkeypatch.setattr(coarse, "CANDIDATES", 4)
+    monkeypatch.setattr(lists, "LISTS_FROM", 16)
+    found = index.query(queries, top=1)
+    assert index._search.vectors().lists is not None
+    saved = coarse.load(index.folder, json.loads(index._search._held[0]))  # the key is the stamp
+    assert saved is not None and torch.equal(saved.lists.members, index._search.vectors().lists.members)
+    exact = index.query(queries, top=48, exact=True)
+    every = [{n["id"]: n["value"] for n in answer["most"]} for answer in exact]
+    for column, answer in enumerate(found):
+        for n in answer["most"] + answer["least"]:
+            assert n["value"] == pytest.approx(every[column][n["id"]], rel=1e-6)

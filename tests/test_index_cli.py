@@ -48,6 +48,16 @@ def test_index_select_gives_what_select_gives(workdir, tmp_path, capsys):
     values = {r["id"]: r["value"] for r in lines(tmp_path / "index-top.values.jsonl")}
     expected = {r["id"]: r["value"] for r in lines(tmp_path / "exact-top.values.jsonl")}
     assert values == pytest.approx(expected, rel=1e-5)
+    shortlisted = tmp_path / "shortlisted.jsonl"  # 2 x the budget of 4 valued exactly, 2 estimated
+    assert run(workdir, "index", "select", str(index), "--valid", str(workdir / "valid.jsonl"), "--ratio",
+               "0.4", "--shortlist", "2", "--out", str(shortlisted)) == 0
+    records = lines(tmp_path / "shortlisted.values.jsonl")
+    exact_records = [r for r in records if not r.get("estimated")]
+    assert len(records) == 10 and len(exact_records) == 8
+    assert {r["id"]: r["value"] for r in exact_records} == pytest.approx(
+        {r["id"]: values[r["id"]] for r in exact_records}, rel=1e-5)
+    best = sorted(exact_records, key=lambda r: -r["value"])[:4]
+    assert [s["id"] for s in lines(shortlisted)] == [r["id"] for r in sorted(best, key=lambda r: r["index"])]
 
 
 def test_query_delete_compact_append_and_merge(workdir, tmp_path, capsys):
@@ -83,6 +93,9 @@ def test_mistakes_end_in_one_line(workdir, tmp_path, capsys):
     assert run(workdir, "index", "select", str(index), "--valid", str(workdir / "valid.jsonl"),
                "--ratio", "2", "--out", str(tmp_path / "x.jsonl")) == 2
     assert "ratio" in capsys.readouterr().err
+    assert run(workdir, "index", "select", str(index), "--valid", str(workdir / "valid.jsonl"),
+               "--ratio", "0.5", "--shortlist", "-1", "--out", str(tmp_path / "x.jsonl")) == 2
+    assert "--shortlist must be >= 0" in capsys.readouterr().err
     assert main(["index", "delete", str(index), "--ids", "nobody"]) == 2
     assert "not in the index" in capsys.readouterr().err
     for flag, value, message in (("--sketch-rows", "-1", "sketch_rows must be >= 0"),

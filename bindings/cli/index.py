@@ -53,6 +53,10 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     select.add_argument("--strategy", choices=STRATEGIES, default="top",
                         help="as in `forvalue select`: the top values, or round-robin over the "
                              "validation samples")
+    select.add_argument("--shortlist", type=float, default=None, metavar="M",
+                        help="value exactly only the M x budget samples of highest coarse estimate and "
+                             "choose among them; 0: choose on the estimates alone, the fastest (their "
+                             "cosine norms are the pool's); default: every stored sample exactly")
     _model_and_options(select, INDEX_QUERY)
     query = commands.add_parser("query", help="each sample's most and least valuable stored samples")
     query.add_argument("index", type=Path)
@@ -135,24 +139,40 @@ def _select(args: argparse.Namespace) -> int:
         raise ValueError(f"--ratio must lie in (0, 1], got {args.ratio}")
     if len(args.valid) != len(args.out):
         raise ValueError(f"give one --out per --valid ({len(args.valid)} --valid, {len(args.out)} --out)")
+    if args.shortlist is not None and not args.shortlist >= 0:
+        raise ValueError(f"--shortlist must be >= 0 (a multiple of the budget), got {args.shortlist}")
     from forvalue.engine.inputs.readers import read_samples
 
     index = _open(args, with_model=True, command=INDEX_QUERY)
     # The pool is read (and checked unchanged) before the scan, not after it.
     sources = [index.source_samples(i) for i in range(len(index.manifest["sources"]))]
     columns = "mean" if args.strategy == "top" else "each"
-    found = index.values_many([read_samples(v) for v in args.valid], columns=columns)
+    targets = [read_samples(v) for v in args.valid]
+    if args.shortlist is None:
+        found = index.values_many(targets, columns=columns)
+    else:  # one share for all targets: the widest a target's groups need (Index.select's rule)
+        groups = 1 if columns == "mean" else min(len(t) for t in targets)
+        found = index.values_many(targets, columns=columns,
+                                  shortlist=min(1.0, args.shortlist * args.ratio / groups))
     offsets = [sum(len(s) for s in sources[:i]) for i in range(len(sources))]
     pool = [sample for samples in sources for sample in samples]
     for valid, out, values in zip(args.valid, args.out, found, strict=True):
-        positions = _positions(values, offsets)
-        key = "value" if columns == "mean" else "values"
-        records = [{"id": i, "index": p, key: row[0] if columns == "mean" else row.tolist()}
-                   for i, p, row in zip(values.ids, positions, values.values, strict=True)]
+        records = _records(values, _positions(values, offsets), columns)
         write_jsonl_atomic(out.with_name(out.stem + ".values.jsonl"), records)
-        print_summary({"valid": valid, **select_top(pool, records, args.ratio, out, args.strategy),
+        exact = [records[i] for i in values.exact_rows()]
+        summary = select_top(pool, exact, args.ratio, out, args.strategy, pool_size=len(records))
+        print_summary({"valid": valid, **summary, "estimated": len(records) - len(exact),
                        "valid_skipped": len(values.errors)})
     return 0
+
+
+def _records(values: Any, positions: list[int], columns: str) -> list[dict[str, Any]]:
+    """The values file's records; a coarse estimate is marked ``"estimated": true``."""
+    key = "value" if columns == "mean" else "values"
+    estimated = [False] * len(positions) if values.estimated is None else values.estimated
+    return [{"id": i, "index": p, key: row[0] if columns == "mean" else row.tolist(),
+             **({"estimated": True} if guess else {})}
+            for i, p, row, guess in zip(values.ids, positions, values.values, estimated, strict=True)]
 
 
 def _positions(values: Any, offsets: list[int]) -> list[int]:

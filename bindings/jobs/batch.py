@@ -181,16 +181,18 @@ STRATEGIES = ("top", "round-robin")
 
 
 def select_top(train: Sequence[dict], records: list[dict[str, Any]], ratio: float, out: Path,
-               strategy: str = "top") -> dict[str, Any]:
+               strategy: str = "top", pool_size: int | None = None) -> dict[str, Any]:
     """Write ``ceil(ratio n)`` training samples to ``out``, as given, in input order: those
     of highest value (``top``; records of the reference mode), or those the validation
-    samples take in turn (``round-robin``, engine/valuation/ranking.py; records of the pairwise mode)."""
+    samples take in turn (``round-robin``, engine/valuation/ranking.py; records of the pairwise
+    mode). ``pool_size``: the ``n`` when ``records`` are only the candidates (an index's
+    shortlist); by default the records with a value."""
     if not 0 < ratio <= 1:
         raise ValueError(f"--ratio must lie in (0, 1], got {ratio}")
     if strategy not in STRATEGIES:
         raise ValueError(f"--strategy must be one of {STRATEGIES}, got {strategy!r}")
     valued = [r for r in records if math.isfinite(_mean_value(r))]
-    keep = math.ceil(ratio * len(valued))
+    keep = min(len(valued), math.ceil(ratio * (len(valued) if pool_size is None else pool_size)))
     if strategy == "top":
         chosen = sorted(valued, key=lambda r: -r["value"])[:keep]
     else:

@@ -11,7 +11,7 @@ valuable training samples). The index also grows (``append``), forgets (``delete
 from __future__ import annotations
 
 import functools
-import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +25,12 @@ from ..config import INDEX_BUILD, INDEX_QUERY, ValuationConfig
 from ..inputs.readers import read_samples
 from ..inputs.samples import SampleError, sample_fingerprint, sample_id_of
 from ..model.loading import ValuationModel
-from ..valuation.precondition import MomentAccumulator, Preconditioner, resolve_damping
+from ..valuation.precondition import Preconditioner, resolve_damping
 from ..valuation.ranking import choose
 from ..valuator import Valuator
 from . import coarse
-from .layout import SKETCH_ROWS, Sketch, Target, target_of
+from .layout import SKETCH_ROWS, Sketch, Target, moments_of, target_of
+from .search import CoarseSearch, ranked_answers
 from .store import (
     STORAGE,
     IndexMismatch,
@@ -61,6 +62,13 @@ class IndexValues:
     rows: np.ndarray  # and its row in that source
     values: np.ndarray  # (samples, groups) float64
     errors: list[SampleError] = field(default_factory=list)  # the target's bad samples
+    estimated: np.ndarray | None = None  # per sample: a coarse estimate, not valued exactly
+
+    def exact_rows(self) -> np.ndarray:
+        """The positions of the samples valued exactly (all, unless shortlisted)."""
+        if self.estimated is None or self.estimated.all():
+            return np.arange(len(self.ids))
+        return np.flatnonzero(~self.estimated)
 
 
 class Index:
@@ -85,8 +93,8 @@ class Index:
         self._shards: dict[str, Shard] = {}
         # Read once per state of the index (its fingerprint and the options): a query in a
         # server reads neither the shards' moments nor the coarse vectors again.
-        self._held_moments: tuple[str, tuple[torch.Tensor, int]] | None = None
-        self._held_coarse: tuple[str, coarse.CoarseVectors] | None = None
+        self._held_pool: tuple[str, Preconditioner | None] | None = None
+        self._search = CoarseSearch(self)
 
     # ------------------------------------------------------------------ making one
 
@@ -185,16 +193,27 @@ class Index:
         return {"folder": str(self.folder), "samples": self.samples,
                 **describe(self.folder, self.manifest, [self._shard(e).sizes for e in entries])}
 
-    def values(self, valid: Sequence[dict], *, columns: str = "mean") -> IndexValues:
+    def values(self, valid: Sequence[dict], *, columns: str = "mean",
+               shortlist: float | None = None) -> IndexValues:
         """Every stored sample's value against the validation set ``valid``: one column, the
-        value against their mean (``columns="mean"``, select's), or one per sample ("each")."""
-        return self.values_many([valid], columns=columns)[0]
+        value against their mean (``columns="mean"``, select's), or one per sample ("each").
+        ``shortlist``: the share of the pool valued exactly per column (those of highest coarse
+        estimate; engine/index/search.py), the rest estimated; by default all valued exactly."""
+        return self.values_many([valid], columns=columns, shortlist=shortlist)[0]
 
-    def values_many(self, targets: Sequence[Sequence[dict]], *, columns: str = "mean") -> list[IndexValues]:
+    def values_many(self, targets: Sequence[Sequence[dict]], *, columns: str = "mean",
+                    shortlist: float | None = None) -> list[IndexValues]:
         """``values`` for several validation sets in one scan of the index."""
         if columns not in ("mean", "each"):
             raise ValueError(f"columns must be 'mean' or 'each', got {columns!r}")
+        if shortlist is not None and not 0 <= shortlist <= 1:
+            raise ValueError(f"shortlist must be a share of the pool in [0, 1], got {shortlist}")
         built = [self.prepare_target(valid, columns, from_pool=False) for valid in targets]
+        if shortlist is not None:
+            ids, sources, rows = self._listing()
+            found = [(self._search.values(target, shortlist), errors) for target, errors in built]
+            return [IndexValues(ids, sources, rows, values, errors, estimated)
+                    for (values, estimated), errors in found]
         ids, sources, rows, values = self.scan([target for target, _ in built])
         out, start = [], 0
         for target, errors in built:
@@ -202,66 +221,34 @@ class Index:
             start += target.groups
         return out
 
-    def select(self, valid: Sequence[dict], ratio: float, *, strategy: str = "top") -> list[str]:
+    def select(self, valid: Sequence[dict], ratio: float, *, strategy: str = "top",
+               shortlist: float | None = None) -> list[str]:
         """The ids of the ``ceil(ratio n)`` stored samples of highest value (``top``) or taken
-        in turn by the validation samples (``round-robin``), in index order."""
+        in turn by the validation samples (``round-robin``), in index order. ``shortlist=m``:
+        choose among the ``m x`` that many samples the coarse vectors rank highest, valued
+        exactly (``m = 0``: choose on the coarse estimates; engine/index/search.py)."""
         if not 0 < ratio <= 1:
             raise ValueError(f"ratio must lie in (0, 1], got {ratio}")
-        found = self.values(valid, columns="mean" if strategy == "top" else "each")
-        return [found.ids[i] for i in sorted(choose(found.values, ratio, strategy))]
+        if shortlist is not None and not shortlist >= 0:
+            raise ValueError(f"shortlist must be >= 0 (a multiple of the budget), got {shortlist}")
+        groups = 1 if strategy == "top" else len(valid)  # round-robin: each takes ratio / groups
+        share = None if shortlist is None else min(1.0, shortlist * ratio / groups)
+        found = self.values(valid, columns="mean" if strategy == "top" else "each", shortlist=share)
+        rows = found.exact_rows()
+        keep = math.ceil(ratio * len(found.ids))
+        return [found.ids[rows[i]] for i in sorted(choose(found.values[rows], ratio, strategy, keep=keep))]
 
     def query(self, samples: Sequence[dict], *, top: int = 10, exact: bool = False) -> list[dict[str, Any]]:
         """Per sample: the ``top`` stored samples of highest and of lowest value for it, with
         their values; ``P`` from the pool (one sample has no covariance of its own). Unless
-        ``exact``, a pool larger than the shortlists is first narrowed by coarse vectors
-        (engine/index/coarse.py) and only the shortlists are valued from the stored tokens."""
+        ``exact``, a pool larger than the candidates is first narrowed by coarse vectors
+        (engine/index/search.py) and only the candidates are valued from the stored tokens."""
         target, errors = self.prepare_target(samples, "each", from_pool=True)
-        if exact or self.samples <= 2 * max(coarse.SHORTLIST, 8 * top):
+        if exact or self.samples <= 2 * max(coarse.CANDIDATES, 4 * top):
             ids, _, _, values = self.scan([target])
         else:
-            ids, values = self._shortlisted(target, top)
-        failed = {e.index for e in errors}
-        usable = [i for i in range(len(samples)) if i not in failed]
-        answers = []
-        for column, position in enumerate(usable):
-            order = np.argsort(-values[:, column], kind="stable")
-            ranked = [{"id": ids[i], "value": float(values[i, column])} for i in order]
-            answers.append({"position": position, "most": ranked[:top], "least": ranked[::-1][:top]})
-        for error in errors:
-            answers.append({"position": error.index, "error": str(error)})
-        return sorted(answers, key=lambda answer: answer["position"])
-
-    def _shortlisted(self, target: Target, top: int) -> tuple[list[str], np.ndarray]:
-        """Ids and exact values of the samples the coarse vectors shortlist for ``target``."""
-        sketch = self._coarse_sketch()
-        shortlist = self._coarse(target.preconditioner, sketch).shortlist(sketch.target_vectors(target), top)
-        ids, chunks, norms = [], [], []
-        for number, (positions, shard_norms) in shortlist.items():
-            shard = self._shard(self.manifest["shards"][number])
-            chunks.append(shard.gather(positions))
-            norms.append(shard_norms)
-            ids.extend(shard.ids[p] for p in positions)
-        stored = [torch.cat([getattr(c, part) for c in chunks]) for part in ("hidden", "errors", "gram")]
-        sizes = [n for c in chunks for n in c.sizes]
-        return ids, target.values(*stored, sizes, torch.cat(norms)).numpy()
-
-    def _coarse_sketch(self) -> coarse.CoarseSketch:
-        identity = self.manifest["identity"]
-        return coarse.CoarseSketch(identity["sketch"]["rows"], int(identity["hidden_size"]),
-                                   identity["sketch"]["seed"])
-
-    def _coarse(self, pre: Preconditioner | None, sketch: coarse.CoarseSketch) -> coarse.CoarseVectors:
-        """The coarse vectors for this index and the query options: held, saved, else built."""
-        stamp = {"index": self.fingerprint, "normalize": self.config.normalize,
-                 "damping": "none" if pre is None else repr(pre.damping)}
-        key = json.dumps(stamp, sort_keys=True)
-        if self._held_coarse is None or self._held_coarse[0] != key:
-            found = coarse.load(self.folder, stamp)
-            if found is None:
-                found = coarse.build(self._live_chunks(), sketch, pre, self.config.normalize)
-                coarse.save(self.folder, found, stamp)
-            self._held_coarse = (key, found)
-        return self._held_coarse[1]
+            ids, values = self._search.query(target, top)
+        return ranked_answers(ids, values, len(samples), errors, top)
 
     # ------------------------------------------------------------------ editing
 
@@ -307,6 +294,10 @@ class Index:
             self._shards[entry["file"]] = Shard(self.folder / entry["file"], entry)
         return self._shards[entry["file"]]
 
+    def shard(self, number: int) -> Shard:
+        """The shard of manifest entry ``number``, opened once."""
+        return self._shard(self.manifest["shards"][number])
+
     @functools.cached_property
     def _sketch(self) -> torch.Tensor:
         """``R``, drawn again from the seed (and checked to be the one the index was built with)."""
@@ -331,18 +322,24 @@ class Index:
         if not states:
             raise ValueError(f"no valid sample to query with (the first error: {errors[0]})")
         config = self.config
-        pre = None
-        if config.precondition is not None:
-            damping = resolve_damping(config.precondition, config.damping, from_pool)
-            moments, tokens = self._pool_moments_held() if from_pool else _moments_of(states)
-            pre = Preconditioner(moments, tokens, damping)
+        if from_pool or config.precondition is None:
+            pre = self.pool_preconditioner()
+        else:
+            damping = resolve_damping(config.precondition, config.damping, from_pool=False)
+            pre = Preconditioner(*moments_of(states), damping)
         return target_of(states, valuator.math, self._sketch, pre, config.normalize, columns), errors
 
-    def _pool_moments_held(self) -> tuple[torch.Tensor, int]:
-        """``_pool_moments``, read once per state of the index."""
-        if self._held_moments is None or self._held_moments[0] != self.fingerprint:
-            self._held_moments = (self.fingerprint, self._pool_moments())
-        return self._held_moments[1]
+    def pool_preconditioner(self) -> Preconditioner | None:
+        """``P`` from the pool's stored moments with a query's damping (None without
+        preconditioning), factored once per state of the index."""
+        config = self.config
+        if config.precondition is None:
+            return None
+        damping = resolve_damping(config.precondition, config.damping, from_pool=True)
+        key = f"{self.fingerprint}/{damping!r}"
+        if self._held_pool is None or self._held_pool[0] != key:
+            self._held_pool = (key, Preconditioner(*self._pool_moments(), damping))
+        return self._held_pool[1]
 
     def _pool_moments(self) -> tuple[torch.Tensor, int]:
         """The pool's ``sum h h^T`` and token count, deleted samples taken out."""
@@ -360,11 +357,23 @@ class Index:
             raise ValueError(f"{self.folder} holds no sample")
         return total, tokens
 
+    def _listing(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Ids, sources and rows of every live stored sample, in index order (a scan's)."""
+        deleted = set(self.manifest["deleted"])
+        ids, sources, rows = [], [], []
+        for entry in self._entries():
+            shard = self._shard(entry)
+            live = [p for p, i in enumerate(shard.ids) if i not in deleted]
+            ids.extend(shard.ids[p] for p in live)
+            rows.extend(shard.rows[p] for p in live)
+            sources.extend([entry["source"]] * len(live))
+        return ids, np.asarray(sources, dtype=np.int64), np.asarray(rows, dtype=np.int64)
+
     def scan(self, targets: list[Target]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         """Ids, sources, rows and values of every live stored sample against every group of
         ``targets``, one chunk of one shard in memory at a time."""
         ids, sources, rows, parts = [], [], [], []
-        for number, chunk, live in self._live_chunks():
+        for number, chunk, live in self.live_chunks():
             entry, shard = self.manifest["shards"][number], self._shard(self.manifest["shards"][number])
             values = torch.cat([t.values(chunk.hidden, chunk.errors, chunk.gram, chunk.sizes)
                                 for t in targets], dim=1)
@@ -377,7 +386,7 @@ class Index:
         values = np.concatenate(parts) if parts else np.zeros((0, groups))
         return ids, np.asarray(sources, dtype=np.int64), np.asarray(rows, dtype=np.int64), values
 
-    def _live_chunks(self) -> Iterator[tuple[int, ShardChunk, list[int]]]:
+    def live_chunks(self) -> Iterator[tuple[int, ShardChunk, list[int]]]:
         """(shard entry number, chunk, the chunk's rows not deleted) over every stored sample."""
         deleted = set(self.manifest["deleted"])
         entries = [(n, e) for n, e in enumerate(self.manifest["shards"]) if e["file"]]
@@ -388,9 +397,3 @@ class Index:
             for chunk in shard.chunks(SCAN_TOKENS, keep if deleted else None):
                 yield number, chunk, [j for j, p in enumerate(chunk.positions) if p in keep]
 
-
-def _moments_of(states: list[Any]) -> tuple[torch.Tensor, int]:
-    moments = MomentAccumulator(states[0].hidden.shape[1], states[0].hidden.device)
-    for s in states:
-        moments.add(s.hidden)
-    return moments.moment_sum, moments.tokens

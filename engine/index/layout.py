@@ -25,7 +25,7 @@ from forvalue import kernels
 
 from ..outputs import LabelStates
 from ..valuation.label_math import LabelMath, stack
-from ..valuation.precondition import Preconditioner
+from ..valuation.precondition import MomentAccumulator, Preconditioner
 
 # Sketch rows: the fewest whose values keep select's default within 0.006 AUC of the exact one
 # on the measured tasks (bench/results/index/layouts.md); fewer rows lose up to 0.04.
@@ -84,13 +84,12 @@ def encode(states: list[LabelStates], math: LabelMath, sketch: torch.Tensor) -> 
 class Target:
     """What a scan values against: the target's tokens' states moved into the stored side's
     space, ``P h_s`` (so ``z_t . z_s = h_t . P h_s`` needs no whitening of what is stored),
-    their whitened states ``z_s`` (for the coarse vectors), sketched errors ``u_s``, and
+    their sketched errors ``u_s``, and
     ``weights`` (``S x groups``): the weight of token ``s`` in each group's sum
     (``1 / (norm(b) count)`` for a validation set's mean, ``1 / norm(b)`` for one sample's
     own column)."""
 
     projected: torch.Tensor  # (S, D) float32: P h_s
-    whitened: torch.Tensor  # (S, D) float32: C^-1 h_s
     errors: torch.Tensor  # (S, k) float32
     weights: torch.Tensor  # (S, groups) float32
     preconditioner: Preconditioner | None
@@ -157,4 +156,12 @@ def target_of(states: list[LabelStates], math: LabelMath, sketch: torch.Tensor, 
         weights = torch.zeros((len(owner), len(states)), dtype=torch.float64)
         weights[torch.arange(len(owner)), owner] = per_token
     projected = encoded.hidden.float() if pre is None else pre.apply(encoded.hidden.double()).float()
-    return Target(projected.cpu(), whitened.cpu(), errors.float().cpu(), weights.float(), pre, normalize)
+    return Target(projected.cpu(), errors.float().cpu(), weights.float(), pre, normalize)
+
+
+def moments_of(states: list[LabelStates]) -> tuple[torch.Tensor, int]:
+    """``sum h h^T`` and the token count of label states (a target's own ``P``)."""
+    moments = MomentAccumulator(states[0].hidden.shape[1], states[0].hidden.device)
+    for s in states:
+        moments.add(s.hidden)
+    return moments.moment_sum, moments.tokens

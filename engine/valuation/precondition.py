@@ -185,8 +185,13 @@ class Preconditioner:
     def whiten_head(self, weight: torch.Tensor) -> torch.Tensor:
         """``W' = W C``, so that ``W' h' = W h`` (``V d^2`` once; kept for the same ``W``)."""
         if self._head is None or self._head[0] is not weight:
-            self._head = (weight, self._rows(weight, lambda rows, C: rows @ C))
+            self._head = (weight, self.dual(weight))
         return self._head[1]
+
+    def dual(self, rows: torch.Tensor) -> torch.Tensor:
+        """``C^T x`` per row ``x``: the row whose inner product with whitened states equals
+        ``x``'s with the states themselves (``(C^T x) . (C^-1 h) = x . h``)."""
+        return self._rows(rows, lambda rows, C: rows @ C)
 
     def apply(self, gradient: torch.Tensor) -> torch.Tensor:
         """``G M^-1`` (a reference's mean gradient, once per load)."""

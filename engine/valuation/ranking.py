@@ -74,10 +74,11 @@ def round_robin(values: np.ndarray, count: int) -> list[int]:
     return taken
 
 
-def choose(values: np.ndarray, ratio: float, strategy: str) -> list[int]:
-    """Positions chosen from values (``(n, 1)`` for top, ``(n, groups)`` for round-robin)."""
+def choose(values: np.ndarray, ratio: float, strategy: str, keep: int | None = None) -> list[int]:
+    """Positions chosen from values (``(n, 1)`` for top, ``(n, groups)`` for round-robin):
+    ``ceil(ratio n)`` of the finite ones, or ``keep`` (at most all)."""
     finite = np.isfinite(values).all(axis=1)
-    keep = int(np.ceil(ratio * finite.sum()))
+    keep = int(np.ceil(ratio * finite.sum())) if keep is None else min(keep, int(finite.sum()))
     if strategy == "top":
         column = np.where(finite, values[:, 0], -np.inf)
         return [int(i) for i in np.argsort(-column, kind="stable")[:keep]]
