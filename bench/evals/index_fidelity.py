@@ -41,7 +41,23 @@ def task_and_metric(name: str, size: str, seed: int):
         lambda v: score_values(task, v if pairwise else v[:, 0])["auc_mean"]
 
 
-def measure(model, name: str, size: str, seed: int, rows: int, storage: str) -> dict:
+SELECT_RATIO = 0.2  # the budget the shortlist routes are compared at
+SHORTLISTS = (0, 1, 3)  # multiples of the budget valued exactly (0: the coarse estimates alone)
+
+
+def coarse_routes(index: Index, valid: list[dict], columns: str, metric) -> dict:
+    """The fast routes against the index's exact scan: the metric of the coarse estimates
+    (select's ``--shortlist 0`` values) and, per shortlist, the share of exact select's choice
+    at ``SELECT_RATIO`` that the shortlisted select keeps."""
+    estimates = index.values(valid, columns=columns, shortlist=0).values
+    strategy = "top" if columns == "mean" else "round-robin"
+    exact = set(index.select(valid, SELECT_RATIO, strategy=strategy))
+    kept = {str(m): len(exact & set(index.select(valid, SELECT_RATIO, strategy=strategy, shortlist=m)))
+            / len(exact) for m in SHORTLISTS}
+    return {"coarse": metric(estimates), "select_kept": kept}
+
+
+def measure(model, name: str, size: str, seed: int, rows: int, storage: str, coarse: bool) -> dict:
     train, valid, loss_on, pairwise, metric = task_and_metric(name, size, seed)
     config = ValuationConfig.for_command("select", loss_on=loss_on)
     started = time.perf_counter()
@@ -56,14 +72,30 @@ def measure(model, name: str, size: str, seed: int, rows: int, storage: str) -> 
         index = Index.build(train, folder, model=model, config=config, sketch_rows=rows, seed=seed,
                             storage=storage, progress=False)
         built = time.perf_counter()
-        stored = index.values(valid, columns="each" if pairwise else "mean").values
+        columns = "each" if pairwise else "mean"
+        stored = index.values(valid, columns=columns).values
         bytes_per_sample = index.info()["bytes_per_sample"]
         queried = time.perf_counter()
+        routes = coarse_routes(index, valid, columns, metric) if coarse else {}
     return {"task": name, "size": size, "seed": seed, "rows": rows, "storage": storage,
-            "exact": metric(exact), "index": metric(stored),
+            "exact": metric(exact), "index": metric(stored), **routes,
             "corr": float(np.corrcoef(exact.ravel(), stored.ravel())[0, 1]),
             "bytes_per_sample": bytes_per_sample,
             "seconds": {"exact": exact_seconds, "build": built - started, "query": queried - built}}
+
+
+def coarse_table(rows: list[dict]) -> str:
+    header = " | ".join(f"kept at --shortlist {m}" for m in SHORTLISTS)
+    lines = [f"| task | exact, mean | coarse, mean | exact - coarse: mean | worst | {header} |",
+             "|---|---|---|---|---|" + "---|" * len(SHORTLISTS)]
+    for name in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == name]
+        gaps = np.array([r["exact"] - r["coarse"] for r in mine])
+        kept = " | ".join(f"{np.mean([r['select_kept'][str(m)] for r in mine]):.3f}" for m in SHORTLISTS)
+        lines.append(f"| {name} | {np.mean([r['exact'] for r in mine]):.4f} | "
+                     f"{np.mean([r['coarse'] for r in mine]):.4f} | {gaps.mean():+.4f} | "
+                     f"{gaps[np.argmax(np.abs(gaps))]:+.4f} | {kept} |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -86,21 +118,26 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--rows", type=int, default=SKETCH_ROWS, help="sketch rows k")
     parser.add_argument("--storage", default="bfloat16")
+    parser.add_argument("--coarse", action="store_true",
+                        help="also measure select's fast routes (the coarse estimates, shortlists)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     model = load_model("smollm2-135m")
     started, rows = time.perf_counter(), []
     for name in args.tasks.split(","):
         for seed in map(int, args.seeds.split(",")):
-            rows.append(measure(model, name, args.size, seed, args.rows, args.storage))
+            rows.append(measure(model, name, args.size, seed, args.rows, args.storage, args.coarse))
             print(json.dumps(rows[-1]), flush=True)
     command = (f"python -m forvalue.bench.evals.index_fidelity --tasks {args.tasks} --size {args.size} "
-               f"--seeds {args.seeds} --rows {args.rows} --storage {args.storage}")
+               f"--seeds {args.seeds} --rows {args.rows} --storage {args.storage}"
+               + (" --coarse" if args.coarse else ""))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine(), "load_average_after": load_average(),
                                     "seconds": time.perf_counter() - started, "command": command,
                                     "rows": rows}, indent=1) + "\n")
     print(table(rows))
+    if args.coarse:
+        print(coarse_table(rows))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Coarse vectors: every stored sample ranked for a target in one pass (docs/design.md, "Index").
 
 Each stored sample also gets a small vector, a sketch of its gradient whitened with the pool's
-``P``, on both sides: ``x(a) = sum_t (Q^T u_t) (S^T z_t)^T`` (``Q``: ``k x 32``, ``S``:
-``D x 64``, Gaussian; ``u_t`` the stored error sketch, ``z_t = C^-1 h_t``), 2048 values. A
+``P``: ``x(a) = sum_t TS(u_t, z_t)`` (``TS``: the tensor sketch of ``u_t (x) z_t`` below; ``u_t``
+the stored error sketch, ``z_t = C^-1 h_t``), ``COARSE_SIZE`` values. A
 target's vector is built the same way from ``y_s = C^T P' h_s`` (``P'`` the target's own, so
 ``y_s . z_t = h_s^T P' h_t``), and ``<x(a), x(target)>`` is an unbiased estimate of the target's
 value ``<G(a) P', G(target)>`` whatever ``P'``. The divisors kept beside the vectors are exact
@@ -29,34 +29,46 @@ from . import lists as inverted
 from .layout import Target, sample_norms
 from .store import ShardChunk
 
-COARSE_ERRORS, COARSE_STATES = 32, 64  # the two sides of a coarse vector: 2048 values
+COARSE_SIZE = 4096  # values per coarse vector: 8 KiB in bfloat16; 1M of them read in 0.7 s
 CANDIDATES = 64  # stored samples per side of a query valued exactly, at least (4 top, if more)
 COARSE_FILE = "coarse.safetensors"
 
 
 class CoarseSketch:
-    """``Q`` and ``S`` from the index's sketch seed (another stream than ``R``'s)."""
+    """A tensor sketch (Pham and Pagh, 2013) of ``u_t (x) z_t``: count sketches of both sides
+    (``COARSE_SIZE`` buckets, random signs, from the index's sketch seed: another stream than
+    ``R``'s), circularly convolved. ``<x(a), x(b)>`` estimates ``sum (u_t . u_s)(z_t . z_s)``
+    without bias, with a variance of about ``3 / COARSE_SIZE`` of the squared norms: a fifth of
+    the noise of a Gaussian sketch of each side to 32 and 64 values at the same size
+    (bench/results/index.md)."""
 
     def __init__(self, error_rows: int, features: int, seed: int) -> None:
         generator = torch.Generator().manual_seed(seed + 1)
-        self.errors = torch.randn(error_rows, COARSE_ERRORS, generator=generator) / COARSE_ERRORS ** 0.5
-        self.states = torch.randn(features, COARSE_STATES, generator=generator) / COARSE_STATES ** 0.5
+        self.error_buckets = torch.randint(COARSE_SIZE, (error_rows,), generator=generator)
+        self.error_signs = torch.randint(2, (error_rows,), generator=generator) * 2.0 - 1
+        self.state_buckets = torch.randint(COARSE_SIZE, (features,), generator=generator)
+        self.state_signs = torch.randint(2, (features,), generator=generator) * 2.0 - 1
 
     def token_vectors(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """``(Q^T u_t) (S^T z_t)^T`` per token, flattened: ``(tokens, 2048)``."""
-        left, right = u.float() @ self.errors, z.float() @ self.states
-        return (left[:, :, None] * right[:, None, :]).reshape(len(z), -1)
+        """The sketch of ``u_t (x) z_t`` per token: ``(tokens, COARSE_SIZE)``."""
+        left = _count_sketch(u.float() * self.error_signs, self.error_buckets)
+        right = _count_sketch(z.float() * self.state_signs, self.state_buckets)
+        return torch.fft.irfft(torch.fft.rfft(left) * torch.fft.rfft(right), n=COARSE_SIZE)
 
     def vectors(self, z: torch.Tensor, u: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-        out = torch.zeros((len(sizes), COARSE_ERRORS * COARSE_STATES))
+        out = torch.zeros((len(sizes), COARSE_SIZE))
         return out.index_add_(0, owner, self.token_vectors(z, u))
 
     def target_vectors(self, target: Target, pool: Preconditioner | None) -> torch.Tensor:
         """``sum_s w_sg x_s`` per group of ``target`` (``x_s`` from ``y_s = C^T P' h_s``, ``C``
-        the pool's factor the stored vectors were whitened with): ``(groups, 2048)``."""
+        the pool's factor the stored vectors were whitened with): ``(groups, COARSE_SIZE)``."""
         moved = target.projected if pool is None else pool.dual(target.projected.double()).float()
         return target.weights.T @ self.token_vectors(moved, target.errors)
+
+
+def _count_sketch(signed: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(len(signed), COARSE_SIZE).index_add_(1, buckets, signed)
 
 
 @dataclass
@@ -64,7 +76,7 @@ class CoarseVectors:
     """Every live stored sample's coarse vector and exact norm under the pool's ``P``, with
     where it is stored (in index order)."""
 
-    vectors: torch.Tensor  # (n, 2048) bfloat16
+    vectors: torch.Tensor  # (n, COARSE_SIZE) bfloat16
     norms: torch.Tensor  # (n,) float64
     places: torch.Tensor  # (n, 2) int64: (shard entry number, position in the shard)
     lists: inverted.Lists | None = None

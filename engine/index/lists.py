@@ -1,7 +1,7 @@
 """Inverted lists over the coarse vectors: a query reads a few lists, not the whole pool
 (docs/design.md, "Index").
 
-Reading every coarse vector (2048 values per stored sample) costs a query about 0.3 s at 1M
+Reading every coarse vector (4096 values per stored sample) costs a query about 0.7 s at 1M
 stored samples on two cores, so from ``LISTS_FROM`` samples on the vectors, divided by their
 norms (what a query ranks by), are grouped into ``sqrt(n)`` lists by spherical k-means on a
 ``PROJECTED``-value random projection of them. A query scores the lists' centroids and reads
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-LISTS_FROM = 65536  # below, a query reads every coarse vector (20 ms at 65k)
+LISTS_FROM = 65536  # below, a query reads every coarse vector (45 ms at 65k)
 PROJECTED = 256  # values per vector the lists are clustered on
 TRAIN_PER_LIST = 64  # k-means learns from this many sampled vectors per list
 ITERATIONS = 8
@@ -29,7 +29,7 @@ class Lists:
     """Which list each stored sample is in: ``members[starts[j]:starts[j + 1]]`` are list
     ``j``'s positions in the coarse vectors."""
 
-    projection: torch.Tensor  # (2048, PROJECTED) float32
+    projection: torch.Tensor  # (coarse values, PROJECTED) float32
     centroids: torch.Tensor  # (lists, PROJECTED) float32, unit rows
     members: torch.Tensor  # (n,) int64
     starts: torch.Tensor  # (lists + 1,) int64
@@ -60,7 +60,7 @@ class Lists:
 
 
 def build(vectors: torch.Tensor, norms: torch.Tensor, seed: int) -> Lists:
-    """The lists of ``vectors / norms`` (``(n, 2048)``, any float dtype)."""
+    """The lists of ``vectors / norms`` (``(n, coarse values)``, any float dtype)."""
     generator = torch.Generator().manual_seed(seed + 2)  # another stream than the sketches'
     projection = torch.randn(vectors.shape[1], PROJECTED, generator=generator) / PROJECTED ** 0.5
     blocks = range(0, len(vectors), BLOCK)
