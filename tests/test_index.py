@@ -212,25 +212,61 @@ def test_coarse_vectors_estimate_the_value_without_bias(precondition):
     assert abs(draws.mean() - exact) < 4 * draws.std(ddof=1) / np.sqrt(len(draws))
 
 
-def test_a_shortlisted_query_values_its_candidates_exactly_and_keeps_its_vectors(tmp_path, monkeypatch):
+def test_a_shortlisted_query_values_its_candidates_exactly(tmp_path, monkeypatch):
     model = load_model(tiny_model("untied", seed=102), dtype=torch.float64)
     train, queries = random_samples(40, seed=103), random_samples(3, seed=104)
     config = ValuationConfig(normalize="cosine", precondition="input", batch_tokens=64)
     index = build(model, train, tmp_path / "index", config, sketch_rows=32, shard_samples=16)
     monkeypatch.setattr(coarse, "CANDIDATES", 6)  # 40 samples > 2 x 8 candidates per side
     found = index.query(queries, top=2)
-    saved = (index.folder / coarse.COARSE_FILE).stat().st_mtime_ns
-    assert index.query(queries, top=2) == found  # the saved vectors, read again
-    assert (index.folder / coarse.COARSE_FILE).stat().st_mtime_ns == saved
     exact = index.query(queries, top=40, exact=True)
     every = [{n["id"]: n["value"] for n in answer["most"]} for answer in exact]
     for column, answer in enumerate(found):
         assert len(answer["most"]) == len(answer["least"]) == 2
         for n in answer["most"] + answer["least"]:
             assert n["value"] == pytest.approx(every[column][n["id"]], rel=1e-6)
-    index.delete([train[0]["id"]])
-    index.query(queries, top=2)
-    assert (index.folder / coarse.COARSE_FILE).stat().st_mtime_ns != saved  # built again
+    assert Index.open(index.folder, model, config, progress=False).query(queries, top=2) == found  # saved
+
+
+def test_coarse_vectors_are_kept_per_shard_across_appends_deletes_and_compaction(tmp_path, monkeypatch):
+    """An append builds the new shard's vectors only, a delete builds nothing, a compacted
+    shard is built again alone (its old file removed); the frozen P stays, and the values
+    after each change are the exact ones."""
+    model = load_model(tiny_model("untied", seed=112), dtype=torch.float64)
+    train, queries = random_samples(32, seed=113), random_samples(2, seed=115)
+    more = [dict(s, id=f"more-{i}") for i, s in enumerate(random_samples(8, seed=114))]
+    config = ValuationConfig(normalize="cosine", precondition="input", batch_tokens=64)
+    index = build(model, train, tmp_path / "index", config, sketch_rows=32, shard_samples=16)
+    monkeypatch.setattr(coarse, "CANDIDATES", 4)
+    folder = index.folder / coarse.COARSE_FOLDER
+
+    def files():
+        return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.safetensors")}
+
+    def check():
+        exact = index.query(queries, top=index.samples, exact=True)
+        every = [{n["id"]: n["value"] for n in answer["most"]} for answer in exact]
+        for column, answer in enumerate(index.query(queries, top=1)):
+            for n in answer["most"] + answer["least"]:
+                assert n["value"] == pytest.approx(every[column][n["id"]], rel=1e-6)
+
+    check()
+    first = files()
+    assert set(first) == {coarse.WHITENING_FILE, "shard-00000.safetensors", "shard-00001.safetensors"}
+    index.append(more, shard_samples=16)
+    check()
+    after_append = files()
+    assert {k: after_append[k] for k in first} == first and len(after_append) == 4
+    index.delete([train[0]["id"], more[0]["id"]])
+    check()
+    assert files() == after_append
+    assert all(n["id"] != train[0]["id"] for a in index.query(queries, top=1) for n in a["most"] + a["least"])
+    index.compact()
+    check()
+    compacted = files()
+    assert compacted[coarse.WHITENING_FILE] == first[coarse.WHITENING_FILE]
+    assert "shard-00000.safetensors" not in compacted and compacted["shard-00001.safetensors"] == first[
+        "shard-00001.safetensors"] and len(compacted) == 4
 
 
 def test_select_with_a_shortlist_chooses_among_exact_values(tmp_path):
@@ -292,9 +328,11 @@ def test_a_query_through_lists_values_its_candidates_exactly(tmp_path, monkeypat
     monkeypatch.setattr(coarse, "CANDIDATES", 4)
     monkeypatch.setattr(lists, "LISTS_FROM", 16)
     found = index.query(queries, top=1)
-    assert index._search.vectors().lists is not None
-    saved = coarse.load(index.folder, json.loads(index._search._held[0]))  # the key is the stamp
-    assert saved is not None and torch.equal(saved.lists.members, index._search.vectors().lists.members)
+    members = index._search.vectors().lists.members
+    assert (index.folder / coarse.COARSE_FOLDER / coarse.LISTS_FILE).exists()
+    reopened = Index.open(index.folder, model, config, progress=False)
+    assert reopened.query(queries, top=1) == found
+    assert torch.equal(reopened._search.vectors().lists.members, members)  # the saved lists
     exact = index.query(queries, top=48, exact=True)
     every = [{n["id"]: n["value"] for n in answer["most"]} for answer in exact]
     for column, answer in enumerate(found):

@@ -28,12 +28,13 @@ from safetensors import safe_open
 
 from forvalue.bench.common import load_average, machine
 from forvalue.engine import Index, ValuationConfig, Valuator, load_model
-from forvalue.engine.index import coarse
+from forvalue.engine.index import coarse, lists
 from forvalue.engine.index.store import read_manifest, write_manifest, write_shard
 
 from .tasks import make_task
 
-PARTS = ("build", "recall", "scale", "targets")
+PARTS = ("build", "recall", "scale", "targets", "million")
+RATIO = 0.05  # select's budget at scale
 
 
 def tile(folder: Path, samples: int) -> None:
@@ -78,12 +79,12 @@ def build_against_score(model, config, train, valid, folder: Path) -> dict:
 
 def shortlist_recall(index: Index, queries: list[dict], share: float, top: int = 10) -> dict:
     exact = index.query(queries, top=index.samples, exact=True)
-    original = coarse.SHORTLIST
-    coarse.SHORTLIST = max(1, int(share * index.samples))
+    original = coarse.CANDIDATES
+    coarse.CANDIDATES = max(1, int(share * index.samples))
     try:
         found = index.query(queries, top=top)
     finally:
-        coarse.SHORTLIST = original
+        coarse.CANDIDATES = original
     return {"pool": index.samples, "queries": len(queries), "shortlist_per_side": int(share * index.samples),
             "recall_at_10": recall(found, exact, top)}
 
@@ -100,6 +101,79 @@ def at_scale(folder: Path, model, config, valid: list[dict], samples: int) -> di
     _, out["query_seconds"] = timed(index.query, valid[1:2], top=10)
     _, out["query_target_seconds"] = timed(index.prepare_target, valid[1:2], "each", True)
     out["query_seconds_after_the_target"] = out["query_seconds"] - out["query_target_seconds"]
+    return out
+
+
+def real_pool(index: Index, valid: list[dict], queries: list[dict], top: int = 10) -> dict:
+    """On the index's own (distinct) samples: select's routes against the exact scan (the share
+    of exact select's choice each keeps), and query recall without and with inverted lists."""
+    out = {"stored": index.samples}
+    exact, out["select_exact_seconds"] = timed(index.select, valid, RATIO)
+    _, out["coarse_vectors_seconds"] = timed(index._search.vectors)
+    for m in (0, 1, 3):
+        found, seconds = timed(index.select, valid, RATIO, shortlist=m)
+        out[f"select_shortlist_{m}"] = {"seconds": seconds, "kept": len(set(exact) & set(found)) / len(exact)}
+    truth, out["query_exact_seconds"] = timed(index.query, queries, top=index.samples, exact=True)
+    out["query_recall_full_read"] = recall(index.query(queries, top=top), truth, top)
+    vectors = index._search.vectors()
+    vectors.lists, out["lists_seconds"] = timed(lists.build, vectors.vectors, vectors.norms, 0)
+    out["lists"] = vectors.lists.count
+    out["query_recall_lists"] = recall(index.query(queries, top=top), truth, top)
+    vectors.lists = None
+    return out
+
+
+def tie_aware_recall(found: list[dict], truth: list[dict], copies: int, top: int) -> float:
+    """Recall against a pool of ``copies`` copies of each sample: a found sample counts when its
+    exact value is at least the exact ``top``-th of the tiled pool (the copies tie)."""
+    shares = []
+    for f, t in zip(found, truth, strict=True):
+        for side, sign in (("most", 1), ("least", -1)):
+            exact = {n["id"]: sign * n["value"] for n in t["most"]}
+            tiled = np.sort(np.repeat(list(exact.values()), copies))[::-1]
+            shares.append(np.mean([exact[n["id"]] >= tiled[top - 1] - 1e-12 for n in f[side]]))
+    return float(np.mean(shares))
+
+
+def after_the_target(index: Index, samples: list[dict], columns: str, from_pool: bool, call) -> tuple:
+    """``call()``'s result and seconds with the target's forward pass done beforehand (the
+    index's ``prepare_target`` answers from it), and that forward pass's seconds."""
+    prepared, forward = timed(index.prepare_target, samples, columns, from_pool)
+    index.prepare_target = lambda *args, **kwargs: prepared
+    try:
+        result, seconds = timed(call)
+    finally:
+        del index.prepare_target
+    return result, seconds, forward
+
+
+def at_million(index: Index, valid: list[dict], queries: list[dict], samples: int, top: int = 10) -> dict:
+    """The index's coarse vectors tiled to ``samples`` (real vectors repeated; the copies point
+    at the real stored tokens), warm: select's fast routes and shortlisted queries, each timed
+    after its target's forward pass."""
+    vectors = index._search.vectors()
+    copies = -(-samples // len(vectors.vectors))
+    tiled = coarse.CoarseVectors(*(part.repeat(copies, *[1] * (part.dim() - 1))[:samples]
+                                   for part in (vectors.vectors, vectors.norms, vectors.places)))
+    out = {"tiled": samples, "copies": copies, "coarse_bytes": tiled.vectors.numel() * 2}
+    tiled.lists, out["lists_seconds"] = timed(lists.build, tiled.vectors, tiled.norms, 0)
+    key, _, frozen = index._search._held
+    index._search._held = (key, tiled, frozen)
+    for m in (0, 1):
+        found, seconds, forward = after_the_target(index, valid, "mean", False,
+                                                   lambda m=m: index.select(valid, RATIO, shortlist=m))
+        out[f"select_shortlist_{m}"] = {"seconds_after_the_target": seconds, "selected": len(found),
+                                        "target_seconds": forward}
+    truth = index.query(queries, top=len(vectors.vectors), exact=True)
+    answers, seconds = [], []
+    for query in queries:
+        (answer, *_), after, _ = after_the_target(index, [query], "each", True,
+                                                  lambda query=query: index.query([query], top=top))
+        answers.append(answer)
+        seconds.append(after)
+    out["query_seconds_after_the_target"] = {"median": float(np.median(seconds)), "max": float(max(seconds)),
+                                             "all": seconds}
+    out["query_tie_aware_recall"] = tie_aware_recall(answers, truth, copies, top)
     return out
 
 
@@ -124,12 +198,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tile", type=int, default=20000, help="stored samples to select from")
     parser.add_argument("--targets-pool", type=int, default=100, help="training chats of the 10-target run")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"which measurements, of {PARTS}")
+    parser.add_argument("--parts", default=",".join(PARTS[:4]), help=f"which measurements, of {PARTS}")
+    parser.add_argument("--pool-index", type=Path,
+                        help="million: an index of >= 10k distinct samples of --pool-task (built apart)")
+    parser.add_argument("--pool-task", default="mislabeled",
+                        help="million: the task whose validation set is the target")
+    parser.add_argument("--million", type=int, default=1_000_000, help="million: stored samples, tiled")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     parts = args.parts.split(",")
     model = load_model("smollm2-135m")
     config = ValuationConfig.for_command("select")
+    if "million" in parts:
+        if args.pool_index is None:
+            parser.error("--parts million needs --pool-index")
+        pool_task = make_task(args.pool_task, "full", 0)
+        index = Index.open(args.pool_index, model, config, progress=False)
+        queries = pool_task.valid[:20]
+        command = (f"python -m forvalue.bench.evals.index_speed --parts million --pool-index IDX "
+                   f"--pool-task {args.pool_task} --million {args.million}")
+        result = {"machine": machine(), "command": command,
+                  "pool_index": index.info(), "real": real_pool(index, pool_task.valid, queries),
+                  "million": at_million(index, pool_task.valid, queries, args.million)}
+        return finish(result, args.out)
     task = make_task("selection", "full", 0)
     command = (f"python -m forvalue.bench.evals.index_speed --tile {args.tile} "
                f"--targets-pool {args.targets_pool} --parts {args.parts}")
@@ -148,9 +239,13 @@ def main() -> None:
         if "targets" in parts:
             result["ten_targets"] = ten_targets(model, config, task.train[:args.targets_pool], task.valid,
                                                 Path(root) / "ten")
+    finish(result, args.out)
+
+
+def finish(result: dict, out: Path) -> None:
     result["load_average_after"] = load_average()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
 

@@ -1,21 +1,21 @@
 """Coarse vectors: every stored sample ranked for a target in one pass (docs/design.md, "Index").
 
-Each stored sample also gets a small vector, a sketch of its gradient whitened with the pool's
-``P``: ``x(a) = sum_t TS(u_t, z_t)`` (``TS``: the tensor sketch of ``u_t (x) z_t`` below; ``u_t``
-the stored error sketch, ``z_t = C^-1 h_t``), ``COARSE_SIZE`` values. A
-target's vector is built the same way from ``y_s = C^T P' h_s`` (``P'`` the target's own, so
-``y_s . z_t = h_s^T P' h_t``), and ``<x(a), x(target)>`` is an unbiased estimate of the target's
-value ``<G(a) P', G(target)>`` whatever ``P'``. The divisors kept beside the vectors are exact
-under the pool's ``P``: a query's (one sample has no ``P`` of its own), not select's. The vectors
-are built on the first use after the index changed and kept beside the shards in
-``coarse.safetensors``, with the fingerprint of the index and the options they were built for;
-from ``LISTS_FROM`` samples on, with inverted lists (engine/index/lists.py).
+Each stored sample also gets a small vector, a sketch of its gradient whitened with a frozen
+``P = C^-T C^-1`` (the pool's when first asked; ``CoarseStore``): ``x(a) = sum_t TS(u_t, z_t)``
+(``TS``: the tensor sketch of ``u_t (x) z_t`` below; ``u_t`` the stored error sketch,
+``z_t = C^-1 h_t``), ``COARSE_SIZE`` values. A target's vector is built the same way from
+``y_s = C^T P' h_s`` (``P'`` the target's own, so ``y_s . z_t = h_s^T P' h_t``), and
+``<x(a), x(target)>`` is an unbiased estimate of the target's value ``<G(a) P', G(target)>``
+whatever ``P'``. The divisors kept beside the vectors are exact under the frozen ``P``: close to
+a query's (the pool's now), not select's (the target's). From ``LISTS_FROM`` samples on, the
+vectors have inverted lists (engine/index/lists.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +27,11 @@ from ..atomic import replace_atomically
 from ..valuation.precondition import Preconditioner
 from . import lists as inverted
 from .layout import Target, sample_norms
-from .store import ShardChunk
+from .store import SCAN_TOKENS, Shard
 
 COARSE_SIZE = 4096  # values per coarse vector: 8 KiB in bfloat16; 1M of them read in 0.7 s
 CANDIDATES = 64  # stored samples per side of a query valued exactly, at least (4 top, if more)
-COARSE_FILE = "coarse.safetensors"
+COARSE_FOLDER, WHITENING_FILE, LISTS_FILE = "coarse", "whitening.safetensors", "lists.safetensors"
 
 
 class CoarseSketch:
@@ -73,8 +73,8 @@ def _count_sketch(signed: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class CoarseVectors:
-    """Every live stored sample's coarse vector and exact norm under the pool's ``P``, with
-    where it is stored (in index order)."""
+    """Every live stored sample's coarse vector and divisor (exact under the frozen ``P``),
+    with where it is stored (in index order)."""
 
     vectors: torch.Tensor  # (n, COARSE_SIZE) bfloat16
     norms: torch.Tensor  # (n,) float64
@@ -84,8 +84,8 @@ class CoarseVectors:
     def estimates(self, queries: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """``<x(a), q> / norm(a)`` for each stored sample ``a`` (or those at ``rows``) and each
         row ``q`` of ``queries``: ``(samples, queries)`` float64. One matrix-vector product per
-        query: in bfloat16 it reads 1M vectors in 0.3 s on two cores, where a matrix product
-        of bfloat16 takes 20 times longer."""
+        query: in bfloat16 it reads 1M vectors of 2048 values in 0.3 s on two cores, where a
+        matrix product of bfloat16 takes 20 times longer."""
         x = self.vectors if rows is None else self.vectors[rows]
         norms = self.norms if rows is None else self.norms[rows]
         columns = [torch.mv(x, q.to(x.dtype)).double() for q in queries]
@@ -110,42 +110,98 @@ class CoarseVectors:
                 for number in numbers.unique().tolist()}
 
 
-def build(chunks: Iterator[tuple[int, ShardChunk, list[int]]], sketch: CoarseSketch,
-          pre: Preconditioner | None, normalize: str, seed: int) -> CoarseVectors:
-    """The coarse vectors of ``chunks`` (shard entry number, chunk, its live rows), with lists
-    (drawn from ``seed``) when they are many."""
-    vectors, norms, places = [], [], []
-    for number, chunk, live in chunks:
-        z = chunk.hidden.float() if pre is None else pre.whiten(chunk.hidden.float())
-        vectors.append(sketch.vectors(z, chunk.errors, chunk.sizes)[live].to(torch.bfloat16))
-        norms.append(sample_norms(z, chunk.gram, chunk.sizes, normalize)[live])
-        places.append(torch.tensor([[number, chunk.positions[j]] for j in live], dtype=torch.int64))
-    if not vectors:
-        raise ValueError("the index holds no sample")
-    found = CoarseVectors(torch.cat(vectors), torch.cat(norms), torch.cat(places))
-    if len(found.vectors) >= inverted.LISTS_FROM:
-        found.lists = inverted.build(found.vectors, found.norms, seed)
-    return found
+class CoarseStore:
+    """The coarse vectors on disk (``IDX/coarse/``): one file per shard, all whitened with one
+    ``P`` frozen at first use (``whitening.safetensors``), so an append builds the new shards'
+    vectors only, a delete builds nothing and a compacted shard is built again alone. Any ``P``
+    would do for the estimates (they stay unbiased: the target side is moved with the same
+    ``C``); the pool's when first asked keeps their noise low."""
+
+    def __init__(self, folder: Path, sketch: CoarseSketch, seed: int) -> None:
+        self.folder, self.sketch, self.seed = folder / COARSE_FOLDER, sketch, seed
+
+    def whitening(self, pool: Callable[[], Preconditioner | None],
+                  damping: float | None) -> Preconditioner | None:
+        """The frozen ``P`` for ``damping`` (None: no whitening); taken from ``pool()`` and
+        saved when there is none, or one for another damping."""
+        if damping is None:
+            return None
+        path = self.folder / WHITENING_FILE
+        saved = _read(path, {"damping": repr(damping)})
+        if saved is not None:
+            return Preconditioner(saved["moment_sum"], int(saved["tokens"]), damping)
+        pre = pool()
+        self.folder.mkdir(exist_ok=True)
+        moments = {"moment_sum": pre.moment_sum, "tokens": torch.tensor(pre.tokens)}
+        _write(path, moments, {"damping": repr(damping)})
+        return pre
+
+    def shard_vectors(self, entry: dict, shard: Shard,
+                      pre: Preconditioner | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sample of ``shard``: its coarse vector and cosine norm under ``pre``; saved,
+        else built (one read of the shard) and saved."""
+        stamp = {"entry": entry, "whitening": whitening_id(pre), "seed": self.seed, "size": COARSE_SIZE}
+        path = self._path(entry["file"])
+        saved = _read(path, stamp)
+        if saved is not None:
+            return saved["vectors"], saved["norms"]
+        vectors, norms = [], []
+        for chunk in shard.chunks(SCAN_TOKENS):
+            z = chunk.hidden.float() if pre is None else pre.whiten(chunk.hidden.float())
+            vectors.append(self.sketch.vectors(z, chunk.errors, chunk.sizes).to(torch.bfloat16))
+            norms.append(sample_norms(z, chunk.gram, chunk.sizes, "cosine"))
+        found = {"vectors": torch.cat(vectors), "norms": torch.cat(norms)}
+        self.folder.mkdir(exist_ok=True)
+        _write(path, found, stamp)
+        return found["vectors"], found["norms"]
+
+    def lists(self, vectors: CoarseVectors, stamp: dict) -> inverted.Lists:
+        """The inverted lists of ``vectors`` (the live samples of one state of the index)."""
+        path = self.folder / LISTS_FILE
+        saved = _read(path, stamp)
+        if saved is not None:
+            return inverted.Lists.from_tensors(saved)
+        lists = inverted.build(vectors.vectors, vectors.norms, self.seed)
+        _write(path, lists.tensors(), stamp)
+        return lists
+
+    def forget_others(self, files: set[str]) -> None:
+        """Remove the vectors of shards no longer in the index (compacted, or merged away)."""
+        keep = {self._path(f).name for f in files} | {WHITENING_FILE, LISTS_FILE}
+        for path in self.folder.glob("*.safetensors"):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+
+    def _path(self, shard_file: str) -> Path:
+        return self.folder / shard_file
 
 
-def save(folder: Path, coarse: CoarseVectors, stamp: dict[str, str]) -> None:
-    tensors = {"vectors": coarse.vectors, "norms": coarse.norms, "places": coarse.places,
-               **(coarse.lists.tensors() if coarse.lists is not None else {})}
-    metadata = {"stamp": json.dumps(stamp)}
-    replace_atomically(folder / COARSE_FILE, lambda tmp: save_file(tensors, tmp, metadata))
+def divisors(cosine: torch.Tensor, sizes: list[int], normalize: str) -> torch.Tensor:
+    """A sample's divisor under ``normalize``, from its cosine norm and its label tokens."""
+    return cosine if normalize == "cosine" else sample_norms(torch.empty(0), torch.empty(0), sizes, normalize)
 
 
-def load(folder: Path, stamp: dict[str, str]) -> CoarseVectors | None:
-    """The saved vectors when they were built for ``stamp`` (this index and options), else None."""
-    path = folder / COARSE_FILE
+def whitening_id(pre: Preconditioner | None) -> str:
+    if pre is None:
+        return "none"
+    digest = hashlib.sha256(pre.moment_sum.to(torch.float64).numpy().tobytes())
+    return f"{digest.hexdigest()[:32]}/{pre.tokens}/{pre.damping!r}"
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], stamp: dict) -> None:
+    metadata = {"stamp": json.dumps(stamp, sort_keys=True)}
+    replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata))
+
+
+def _read(path: Path, stamp: dict) -> dict[str, torch.Tensor] | None:
+    """The tensors saved at ``path`` for ``stamp``, else None (absent, stale or unreadable:
+    built again)."""
     if not path.exists():
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
-            if json.loads((f.metadata() or {}).get("stamp", "null")) != stamp:
+            if (f.metadata() or {}).get("stamp") != json.dumps(stamp, sort_keys=True):
                 return None
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-        return CoarseVectors(tensors["vectors"], tensors["norms"], tensors["places"],
-                             inverted.Lists.from_tensors(tensors))
-    except (OSError, SafetensorError, ValueError, KeyError):
-        return None  # unreadable: built again
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except (OSError, SafetensorError, ValueError):
+        return None

@@ -30,8 +30,9 @@ from ..valuation.ranking import choose
 from ..valuator import Valuator
 from . import coarse
 from .layout import SKETCH_ROWS, Sketch, Target, moments_of, target_of
-from .search import CoarseSearch, ranked_answers
+from .search import CoarseSearch, exact_rows, ranked_answers
 from .store import (
+    SCAN_TOKENS,
     STORAGE,
     IndexMismatch,
     Shard,
@@ -50,7 +51,6 @@ from .writer import SHARD_SAMPLES, ShardWriter, default_id, moment_sum, samples_
 # The options that decide what is stored (how samples are labelled and read); the others
 # (normalize, precondition, damping) are chosen per query.
 STORED_OPTIONS = ("loss_on", "skip_depth", "append_eos", "max_length")
-SCAN_TOKENS = 16384  # stored tokens read and valued at a time
 
 
 @dataclass
@@ -66,9 +66,7 @@ class IndexValues:
 
     def exact_rows(self) -> np.ndarray:
         """The positions of the samples valued exactly (all, unless shortlisted)."""
-        if self.estimated is None or self.estimated.all():
-            return np.arange(len(self.ids))
-        return np.flatnonzero(~self.estimated)
+        return np.arange(len(self.ids)) if self.estimated is None else exact_rows(self.estimated)
 
 
 class Index:
@@ -214,7 +212,7 @@ class Index:
             found = [(self._search.values(target, shortlist), errors) for target, errors in built]
             return [IndexValues(ids, sources, rows, values, errors, estimated)
                     for (values, estimated), errors in found]
-        ids, sources, rows, values = self.scan([target for target, _ in built])
+        (ids, sources, rows), values = self._listing(), self.scan([target for target, _ in built])
         out, start = [], 0
         for target, errors in built:
             out.append(IndexValues(ids, sources, rows, values[:, start:start + target.groups], errors))
@@ -231,12 +229,16 @@ class Index:
             raise ValueError(f"ratio must lie in (0, 1], got {ratio}")
         if shortlist is not None and not shortlist >= 0:
             raise ValueError(f"shortlist must be >= 0 (a multiple of the budget), got {shortlist}")
+        columns = "mean" if strategy == "top" else "each"
+        if shortlist is None:
+            found = self.values(valid, columns=columns)
+            return [found.ids[i] for i in sorted(choose(found.values, ratio, strategy))]
         groups = 1 if strategy == "top" else len(valid)  # round-robin: each takes ratio / groups
-        share = None if shortlist is None else min(1.0, shortlist * ratio / groups)
-        found = self.values(valid, columns="mean" if strategy == "top" else "each", shortlist=share)
-        rows = found.exact_rows()
-        keep = math.ceil(ratio * len(found.ids))
-        return [found.ids[rows[i]] for i in sorted(choose(found.values[rows], ratio, strategy, keep=keep))]
+        target, _ = self.prepare_target(valid, columns, from_pool=False)
+        values, estimated = self._search.values(target, min(1.0, shortlist * ratio / groups))
+        rows = exact_rows(estimated)
+        chosen = choose(values[rows], ratio, strategy, keep=math.ceil(ratio * len(values)))
+        return self._search.ids(rows[sorted(chosen)])
 
     def query(self, samples: Sequence[dict], *, top: int = 10, exact: bool = False) -> list[dict[str, Any]]:
         """Per sample: the ``top`` stored samples of highest and of lowest value for it, with
@@ -245,7 +247,7 @@ class Index:
         (engine/index/search.py) and only the candidates are valued from the stored tokens."""
         target, errors = self.prepare_target(samples, "each", from_pool=True)
         if exact or self.samples <= 2 * max(coarse.CANDIDATES, 4 * top):
-            ids, _, _, values = self.scan([target])
+            ids, values = self._listing()[0], self.scan([target])
         else:
             ids, values = self._search.query(target, top)
         return ranked_answers(ids, values, len(samples), errors, top)
@@ -369,31 +371,20 @@ class Index:
             sources.extend([entry["source"]] * len(live))
         return ids, np.asarray(sources, dtype=np.int64), np.asarray(rows, dtype=np.int64)
 
-    def scan(self, targets: list[Target]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-        """Ids, sources, rows and values of every live stored sample against every group of
+    def scan(self, targets: list[Target]) -> np.ndarray:
+        """Values of every live stored sample (in ``_listing``'s order) against every group of
         ``targets``, one chunk of one shard in memory at a time."""
-        ids, sources, rows, parts = [], [], [], []
-        for number, chunk, live in self.live_chunks():
-            entry, shard = self.manifest["shards"][number], self._shard(self.manifest["shards"][number])
-            values = torch.cat([t.values(chunk.hidden, chunk.errors, chunk.gram, chunk.sizes)
-                                for t in targets], dim=1)
-            parts.append(values[live].numpy())
-            positions = [chunk.positions[j] for j in live]
-            ids.extend(shard.ids[p] for p in positions)
-            rows.extend(shard.rows[p] for p in positions)
-            sources.extend([entry["source"]] * len(live))
-        groups = sum(t.groups for t in targets)
-        values = np.concatenate(parts) if parts else np.zeros((0, groups))
-        return ids, np.asarray(sources, dtype=np.int64), np.asarray(rows, dtype=np.int64), values
+        parts = [torch.cat([t.values(chunk.hidden, chunk.errors, chunk.gram, chunk.sizes) for t in targets],
+                           dim=1)[live].numpy() for chunk, live in self._live_chunks()]
+        return np.concatenate(parts) if parts else np.zeros((0, sum(t.groups for t in targets)))
 
-    def live_chunks(self) -> Iterator[tuple[int, ShardChunk, list[int]]]:
-        """(shard entry number, chunk, the chunk's rows not deleted) over every stored sample."""
+    def _live_chunks(self) -> Iterator[tuple[ShardChunk, list[int]]]:
+        """(chunk, the chunk's rows not deleted) over every stored sample."""
         deleted = set(self.manifest["deleted"])
-        entries = [(n, e) for n, e in enumerate(self.manifest["shards"]) if e["file"]]
+        entries = self._entries()
         quiet = not self.progress or len(entries) < 2
-        for number, entry in tqdm(entries, desc="scan", unit="shard", disable=quiet):
+        for entry in tqdm(entries, desc="scan", unit="shard", disable=quiet):
             shard = self._shard(entry)
             keep = {p for p, i in enumerate(shard.ids) if i not in deleted}
             for chunk in shard.chunks(SCAN_TOKENS, keep if deleted else None):
-                yield number, chunk, [j for j, p in enumerate(chunk.positions) if p in keep]
-
+                yield chunk, [j for j, p in enumerate(chunk.positions) if p in keep]

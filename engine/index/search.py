@@ -2,13 +2,13 @@
 (docs/design.md, "Index").
 
 - A **query** (one sample's most and least valuable stored samples) keeps ``max(CANDIDATES,
-  4 top)`` samples per side by the coarse estimate and values those exactly, dividing by the
-  coarse vectors' exact norms (a query's ``P`` is the pool's, as theirs).
+  4 top)`` samples per side by the coarse estimate (from the lists' probed members on a large
+  pool) and values those exactly, with the pool's ``P`` as it is now.
 - **select** with a shortlist (``Index.select(..., shortlist=m)``) values exactly, with the
   target's ``P`` and norms, the ``m x budget`` samples of highest estimate (shared among the
   validation samples, for round-robin) and chooses among those; ``m = 0`` selects on the
-  estimates alone, whose cosine divisors are the pool's, not the target's (the difference is
-  measured in bench/results/index.md).
+  estimates alone, whose divisors are under the vectors' frozen ``P``, not the target's
+  (what each route keeps of the exact choice: bench/results/index.md).
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from . import coarse
+from ..valuation.precondition import Preconditioner, resolve_damping
+from . import coarse, lists
 from .layout import Target
 
 if TYPE_CHECKING:
@@ -33,62 +35,91 @@ class CoarseSearch:
 
     def __init__(self, index: Index) -> None:
         self.index = index
-        self._held: tuple[str, coarse.CoarseVectors] | None = None
+        self._held: tuple[str, coarse.CoarseVectors, Preconditioner | None] | None = None
 
     def query(self, target: Target, top: int) -> tuple[list[str], np.ndarray]:
         """Ids and exact values of the candidates of a query ``target`` (one group per sample)."""
-        vectors = self.vectors()
-        queries = self.sketch().target_vectors(target, self.index.pool_preconditioner())
+        vectors, frozen = self.vectors(), self.whitening()
+        queries = self.sketch().target_vectors(target, frozen)
         chosen = vectors.candidates(queries, max(coarse.CANDIDATES, 4 * top))
-        return self._ids(vectors, chosen), self._valued(target, vectors, chosen, pool_norms=True)
+        return self.ids(chosen), self._valued(target, vectors, chosen)
 
     def values(self, target: Target, share: float) -> tuple[np.ndarray, np.ndarray]:
         """Every live stored sample's value against each group of ``target`` (index order) and
         whether it is a coarse estimate: each group's ``share`` of the pool of highest estimate
         is valued exactly (with the target's ``P`` and norms), the rest estimated."""
-        vectors = self.vectors()
-        values = vectors.estimates(self.sketch().target_vectors(target, self.index.pool_preconditioner()))
+        vectors, frozen = self.vectors(), self.whitening()
+        values = vectors.estimates(self.sketch().target_vectors(target, frozen))
         estimated = np.ones(len(values), dtype=bool)
         if share > 0:
             per_group = min(len(values), math.ceil(share * len(values)))
             kept = values.topk(per_group, dim=0).indices.reshape(-1).unique()
-            values[kept] = torch.from_numpy(self._valued(target, vectors, kept, pool_norms=False))
+            values[kept] = torch.from_numpy(self._valued(target, vectors, kept))
             estimated[kept.numpy()] = False
         return values.numpy(), estimated
 
     def vectors(self) -> coarse.CoarseVectors:
-        """The coarse vectors for this index and the options: held, saved, else built."""
-        pre, index = self.index.pool_preconditioner(), self.index
-        stamp = {"index": index.fingerprint, "normalize": index.config.normalize,
-                 "damping": "none" if pre is None else repr(pre.damping)}
-        key = json.dumps(stamp, sort_keys=True)
+        """The live samples' coarse vectors (index order) for this state of the index and the
+        options: held, else assembled from the saved shards' (built where missing)."""
+        index, config = self.index, self.index.config
+        damping = None if config.precondition is None else \
+            resolve_damping(config.precondition, config.damping, from_pool=True)
+        key = json.dumps({"index": index.fingerprint, "normalize": config.normalize,
+                          "damping": repr(damping)})
         if self._held is None or self._held[0] != key:
-            found = coarse.load(index.folder, stamp)
-            if found is None:
-                found = coarse.build(index.live_chunks(), self.sketch(), pre, index.config.normalize,
-                                     index.manifest["identity"]["sketch"]["seed"])
-                coarse.save(index.folder, found, stamp)
-            self._held = (key, found)
+            store = coarse.CoarseStore(index.folder, self.sketch(), self._seed())
+            frozen = store.whitening(index.pool_preconditioner, damping)
+            found = self._assemble(store, frozen)
+            if len(found.vectors) >= lists.LISTS_FROM:
+                found.lists = store.lists(found, {"index": index.fingerprint, "normalize": config.normalize,
+                                                  "whitening": coarse.whitening_id(frozen)})
+            self._held = (key, found, frozen)
         return self._held[1]
+
+    def whitening(self) -> Preconditioner | None:
+        """The frozen ``P`` the held vectors were built with (engine/index/coarse.py)."""
+        self.vectors()
+        return self._held[2]
 
     def sketch(self) -> coarse.CoarseSketch:
         identity = self.index.manifest["identity"]
-        return coarse.CoarseSketch(identity["sketch"]["rows"], int(identity["hidden_size"]),
-                                   identity["sketch"]["seed"])
+        return coarse.CoarseSketch(identity["sketch"]["rows"], int(identity["hidden_size"]), self._seed())
 
-    def _ids(self, vectors: coarse.CoarseVectors, positions: torch.Tensor) -> list[str]:
-        return [self.index.shard(number).ids[p] for number, p in vectors.places[positions].tolist()]
+    def ids(self, positions: np.ndarray | torch.Tensor) -> list[str]:
+        """The ids of the stored samples at ``positions`` of the coarse vectors."""
+        places = self.vectors().places[torch.as_tensor(positions, dtype=torch.int64)]
+        return [self.index.shard(number).ids[p] for number, p in places.tolist()]
 
-    def _valued(self, target: Target, vectors: coarse.CoarseVectors, positions: torch.Tensor,
-                pool_norms: bool) -> np.ndarray:
+    def _seed(self) -> int:
+        return int(self.index.manifest["identity"]["sketch"]["seed"])
+
+    def _assemble(self, store: coarse.CoarseStore, frozen: Preconditioner | None) -> coarse.CoarseVectors:
+        """Each shard's saved vectors (built where missing), the deleted samples left out."""
+        index, deleted = self.index, set(self.index.manifest["deleted"])
+        parts, norms, places, files = [], [], [], set()
+        numbers = [n for n, entry in enumerate(index.manifest["shards"]) if entry["file"]]
+        quiet = not index.progress or len(numbers) < 2
+        for number in tqdm(numbers, desc="coarse vectors", unit="shard", disable=quiet):
+            entry, shard = index.manifest["shards"][number], index.shard(number)
+            vectors, cosine = store.shard_vectors(entry, shard, frozen)
+            live = torch.tensor([p for p, i in enumerate(shard.ids) if i not in deleted], dtype=torch.int64)
+            parts.append(vectors if len(live) == len(vectors) else vectors[live])
+            norms.append(coarse.divisors(cosine, shard.sizes, index.config.normalize)[live])
+            places.append(torch.stack([torch.full_like(live, number), live], dim=1))
+            files.add(entry["file"])
+        store.forget_others(files)
+        if not parts:
+            raise ValueError(f"{index.folder} holds no sample")
+        return coarse.CoarseVectors(torch.cat(parts), torch.cat(norms), torch.cat(places))
+
+    def _valued(self, target: Target, vectors: coarse.CoarseVectors, positions: torch.Tensor) -> np.ndarray:
         """Exact values of the stored samples at ``positions`` (ascending: the vectors are in
-        index order, so reading shard by shard keeps their order), divided by the vectors'
-        norms (the pool's ``P``) or by norms computed under the target's ``P``."""
+        index order, so reading shard by shard keeps their order), with the target's ``P`` and
+        norms."""
         chunks = [self.index.shard(number).gather(places)
                   for number, places in vectors.by_shard(positions).items()]
         stored = [torch.cat([getattr(c, part) for c in chunks]) for part in ("hidden", "errors", "gram")]
-        sizes = [n for c in chunks for n in c.sizes]
-        return target.values(*stored, sizes, vectors.norms[positions] if pool_norms else None).numpy()
+        return target.values(*stored, [n for c in chunks for n in c.sizes]).numpy()
 
 
 def ranked_answers(ids: list[str], values: np.ndarray, samples: int, errors: list[SampleError],
@@ -104,3 +135,8 @@ def ranked_answers(ids: list[str], values: np.ndarray, samples: int, errors: lis
         answers.append({"position": position, "most": ranked[:top], "least": ranked[::-1][:top]})
     answers.extend({"position": error.index, "error": str(error)} for error in errors)
     return sorted(answers, key=lambda answer: answer["position"])
+
+
+def exact_rows(estimated: np.ndarray) -> np.ndarray:
+    """The positions valued exactly (where none is, all: the estimates are what there is)."""
+    return np.arange(len(estimated)) if estimated.all() else np.flatnonzero(~estimated)

@@ -40,6 +40,7 @@ SHARD_FORMAT = "forvalue.index-shard/1"
 MANIFEST = "index.json"
 STORAGE = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 TENSORS = ("hidden", "errors", "gram", "sizes", "rows", "moment_sum")
+SCAN_TOKENS = 16384  # stored tokens read (and valued) at a time
 
 
 class IndexMismatch(ValueError):

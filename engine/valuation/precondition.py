@@ -165,7 +165,7 @@ class Preconditioner:
         self.lam = self.damping * float(torch.trace(A)) / d
         if not self.lam > 0:
             raise ValueError("the covariance is zero (all hidden states vanish): nothing to precondition")
-        self._moment_sum = moment_sum
+        self.moment_sum, self.tokens = moment_sum, tokens  # what it was factored from
         M = A + self.lam * torch.eye(d, dtype=torch.float64, device=A.device)
         self.factor = torch.linalg.cholesky(M)  # lower C, M = C C^T
         self._head: tuple[torch.Tensor, torch.Tensor] | None = None  # (W, W C), built on first use
@@ -174,7 +174,7 @@ class Preconditioner:
     def effective_rank(self) -> int:
         """``A``'s numerical rank, reported with a reference (an eigendecomposition: computed
         when asked for, not by every query that only whitens)."""
-        return effective_rank(self._moment_sum)
+        return effective_rank(self.moment_sum)
 
     def whiten(self, hidden: torch.Tensor) -> torch.Tensor:
         """``h' = C^-1 h`` per row, in ``hidden``'s dtype (computed in float64)."""
