@@ -252,6 +252,7 @@ def test_coarse_vectors_are_kept_per_shard_across_appends_deletes_and_compaction
 
     check()
     first = files()
+    assert index.info()["coarse_bytes"] == sum((folder / name).stat().st_size for name in first)
     assert set(first) == {coarse.WHITENING_FILE, "shard-00000.safetensors", "shard-00001.safetensors"}
     index.append(more, shard_samples=16)
     check()

@@ -176,6 +176,11 @@ class CoarseStore:
         return self.folder / shard_file
 
 
+def disk_bytes(index_folder: Path) -> int:
+    """Bytes of the coarse vectors, lists and whitening saved beside an index's shards."""
+    return sum(path.stat().st_size for path in (index_folder / COARSE_FOLDER).glob("*.safetensors"))
+
+
 def divisors(cosine: torch.Tensor, sizes: list[int], normalize: str) -> torch.Tensor:
     """A sample's divisor under ``normalize``, from its cosine norm and its label tokens."""
     return cosine if normalize == "cosine" else sample_norms(torch.empty(0), torch.empty(0), sizes, normalize)

@@ -189,7 +189,8 @@ class Index:
         """What the index holds, how it was built and its size on disk."""
         entries = self._entries()
         return {"folder": str(self.folder), "samples": self.samples,
-                **describe(self.folder, self.manifest, [self._shard(e).sizes for e in entries])}
+                **describe(self.folder, self.manifest, [self._shard(e).sizes for e in entries]),
+                "coarse_bytes": coarse.disk_bytes(self.folder)}
 
     def values(self, valid: Sequence[dict], *, columns: str = "mean",
                shortlist: float | None = None) -> IndexValues:
