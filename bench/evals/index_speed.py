@@ -157,8 +157,7 @@ def at_million(index: Index, valid: list[dict], queries: list[dict], samples: in
                                    for part in (vectors.vectors, vectors.norms, vectors.places)))
     out = {"tiled": samples, "copies": copies, "coarse_bytes": tiled.vectors.numel() * 2}
     tiled.lists, out["lists_seconds"] = timed(lists.build, tiled.vectors, tiled.norms, 0)
-    key, _, frozen = index._search._held
-    index._search._held = (key, tiled, frozen)
+    index._search._held.vectors = tiled
     for m in (0, 1):
         found, seconds, forward = after_the_target(index, valid, "mean", False,
                                                    lambda m=m: index.select(valid, RATIO, shortlist=m))

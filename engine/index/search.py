@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,19 +31,30 @@ if TYPE_CHECKING:
     from .index import Index
 
 
+@dataclass
+class _Held:
+    key: str  # the state of the index and the options they hold for
+    vectors: coarse.CoarseVectors
+    frozen: Preconditioner | None  # the P they were whitened with
+    divisors_exact: bool  # their divisors are a query's (the pool's P is still the frozen one)
+
+
 class CoarseSearch:
     """The coarse vectors of one index, held while the index and the options stay the same."""
 
     def __init__(self, index: Index) -> None:
         self.index = index
-        self._held: tuple[str, coarse.CoarseVectors, Preconditioner | None] | None = None
+        self._held: _Held | None = None
 
     def query(self, target: Target, top: int) -> tuple[list[str], np.ndarray]:
         """Ids and exact values of the candidates of a query ``target`` (one group per sample)."""
         vectors, frozen = self.vectors(), self.whitening()
         queries = self.sketch().target_vectors(target, frozen)
         chosen = vectors.candidates(queries, max(coarse.CANDIDATES, 4 * top))
-        return self.ids(chosen), self._valued(target, vectors, chosen)
+        # The vectors' divisors are exact under the frozen P: the query's while the pool is
+        # unchanged since (no whitening of the candidates: most of a query's time otherwise).
+        norms = vectors.norms[chosen] if self._held.divisors_exact else None
+        return self.ids(chosen), self._valued(target, vectors, chosen, norms)
 
     def values(self, target: Target, share: float) -> tuple[np.ndarray, np.ndarray]:
         """Every live stored sample's value against each group of ``target`` (index order) and
@@ -54,7 +66,7 @@ class CoarseSearch:
         if share > 0:
             per_group = min(len(values), math.ceil(share * len(values)))
             kept = values.topk(per_group, dim=0).indices.reshape(-1).unique()
-            values[kept] = torch.from_numpy(self._valued(target, vectors, kept))
+            values[kept] = torch.from_numpy(self._valued(target, vectors, kept, None))
             estimated[kept.numpy()] = False
         return values.numpy(), estimated
 
@@ -66,20 +78,21 @@ class CoarseSearch:
             resolve_damping(config.precondition, config.damping, from_pool=True)
         key = json.dumps({"index": index.fingerprint, "normalize": config.normalize,
                           "damping": repr(damping)})
-        if self._held is None or self._held[0] != key:
+        if self._held is None or self._held.key != key:
             store = coarse.CoarseStore(index.folder, self.sketch(), self._seed())
-            frozen = store.whitening(index.pool_preconditioner, damping)
+            frozen, pool = store.whitening(index.pool_preconditioner, damping), index.pool_preconditioner()
             found = self._assemble(store, frozen)
             if len(found.vectors) >= lists.LISTS_FROM:
                 found.lists = store.lists(found, {"index": index.fingerprint, "normalize": config.normalize,
                                                   "whitening": coarse.whitening_id(frozen)})
-            self._held = (key, found, frozen)
-        return self._held[1]
+            exact = config.normalize != "cosine" or _same(pool, frozen)
+            self._held = _Held(key, found, frozen, divisors_exact=exact)
+        return self._held.vectors
 
     def whitening(self) -> Preconditioner | None:
         """The frozen ``P`` the held vectors were built with (engine/index/coarse.py)."""
         self.vectors()
-        return self._held[2]
+        return self._held.frozen
 
     def sketch(self) -> coarse.CoarseSketch:
         identity = self.index.manifest["identity"]
@@ -112,14 +125,15 @@ class CoarseSearch:
             raise ValueError(f"{index.folder} holds no sample")
         return coarse.CoarseVectors(torch.cat(parts), torch.cat(norms), torch.cat(places))
 
-    def _valued(self, target: Target, vectors: coarse.CoarseVectors, positions: torch.Tensor) -> np.ndarray:
+    def _valued(self, target: Target, vectors: coarse.CoarseVectors, positions: torch.Tensor,
+                norms: torch.Tensor | None) -> np.ndarray:
         """Exact values of the stored samples at ``positions`` (ascending: the vectors are in
-        index order, so reading shard by shard keeps their order), with the target's ``P`` and
-        norms."""
+        index order, so reading shard by shard keeps their order), with the target's ``P``,
+        divided by ``norms`` (else by norms computed under the target's ``P``)."""
         chunks = [self.index.shard(number).gather(places)
                   for number, places in vectors.by_shard(positions).items()]
         stored = [torch.cat([getattr(c, part) for c in chunks]) for part in ("hidden", "errors", "gram")]
-        return target.values(*stored, [n for c in chunks for n in c.sizes]).numpy()
+        return target.values(*stored, [n for c in chunks for n in c.sizes], norms).numpy()
 
 
 def ranked_answers(ids: list[str], values: np.ndarray, samples: int, errors: list[SampleError],
@@ -135,6 +149,11 @@ def ranked_answers(ids: list[str], values: np.ndarray, samples: int, errors: lis
         answers.append({"position": position, "most": ranked[:top], "least": ranked[::-1][:top]})
     answers.extend({"position": error.index, "error": str(error)} for error in errors)
     return sorted(answers, key=lambda answer: answer["position"])
+
+
+def _same(pool: Preconditioner | None, frozen: Preconditioner | None) -> bool:
+    """Whether the pool's ``P`` now is the frozen one (no change to the pool since)."""
+    return pool is None or (pool.tokens == frozen.tokens and torch.equal(pool.moment_sum, frozen.moment_sum))
 
 
 def exact_rows(estimated: np.ndarray) -> np.ndarray:
