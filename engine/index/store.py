@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -109,6 +110,7 @@ class Shard:
                               f"{entry['tokens']}): rebuild it")
         self.token_starts = list(itertools.accumulate(self.sizes, initial=0))
         self.gram_starts = list(itertools.accumulate((n * n for n in self.sizes), initial=0))
+        self._mapped = _mapped(path, ("hidden", "errors", "gram"))
 
     def tensor(self, name: str) -> torch.Tensor:
         return self._file.get_tensor(name)
@@ -128,20 +130,53 @@ class Shard:
             start = stop
 
     def gather(self, positions: list[int]) -> ShardChunk:
-        """The samples at ``positions`` (any order), read one by one."""
-        parts = [self._read(range(p, p + 1)) for p in positions]
-        return ShardChunk(torch.cat([c.hidden for c in parts]), torch.cat([c.errors for c in parts]),
-                          torch.cat([c.gram for c in parts]), [c.sizes[0] for c in parts], positions)
+        """The samples at ``positions`` (any order): one indexed read of each mapped array."""
+        tokens = _ranges(self.token_starts, positions)
+        grams = _ranges(self.gram_starts, positions)
+        hidden, errors, gram = (self._mapped[name] for name in ("hidden", "errors", "gram"))
+        return ShardChunk(hidden[tokens], errors[tokens], gram[grams], [self.sizes[p] for p in positions],
+                          positions)
 
     def _read(self, positions: range) -> ShardChunk:
         first, last = positions.start, positions.stop
         tokens = slice(self.token_starts[first], self.token_starts[last])
         grams = slice(self.gram_starts[first], self.gram_starts[last])
-        try:
-            return ShardChunk(self._file.get_slice("hidden")[tokens], self._file.get_slice("errors")[tokens],
-                              self._file.get_slice("gram")[grams], self.sizes[first:last], positions)
-        except (OSError, SafetensorError) as error:
-            raise IndexMismatch(f"cannot read index shard {self.path}: {error}") from None
+        return ShardChunk(self._mapped["hidden"][tokens], self._mapped["errors"][tokens],
+                          self._mapped["gram"][grams], self.sizes[first:last], positions)
+
+
+# safetensors' dtype names, as numpy reads their bytes and torch sees them
+_DTYPES = {"BF16": (np.uint16, torch.bfloat16), "F16": (np.float16, torch.float16),
+           "F32": (np.float32, torch.float32), "F64": (np.float64, torch.float64),
+           "I64": (np.int64, torch.int64)}
+
+
+def _mapped(path: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Tensors of a (checked) safetensors file as views of the mapped file: a read of any rows
+    is one indexing, with no copy of what is not read (copy-on-write: the file is never changed)."""
+    with path.open("rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(length))
+    views = {}
+    for name in names:
+        described = header[name]
+        numpy_dtype, torch_dtype = _DTYPES[described["dtype"]]
+        start, end = described["data_offsets"]
+        shape = tuple(described["shape"])
+        if end == start:
+            views[name] = torch.zeros(shape, dtype=torch_dtype)
+            continue
+        array = np.memmap(path, dtype=numpy_dtype, mode="c", offset=8 + length + start, shape=shape)
+        views[name] = torch.from_numpy(array).view(torch_dtype)
+    return views
+
+
+def _ranges(starts: list[int], positions: list[int]) -> torch.Tensor:
+    """The indices ``starts[p] .. starts[p + 1] - 1`` of each position ``p``, one after another."""
+    bounds = np.asarray(starts, dtype=np.int64)
+    first, lengths = bounds[positions], bounds[np.asarray(positions, dtype=np.int64) + 1] - bounds[positions]
+    shift = first - (np.cumsum(lengths) - lengths)  # each range's first index, less where it lands
+    return torch.from_numpy(np.repeat(shift, lengths) + np.arange(lengths.sum()))
 
 
 def covered_rows(manifest: dict[str, Any], source: int) -> set[int]:
