@@ -161,6 +161,7 @@ class ValuationServer:
         self.engine = engine
         if index is not None:
             self.index = await engine.on_forward_thread(Index.open, index, model, progress=False)
+            await engine.on_forward_thread(self.index.prepare_queries)  # not on the first Query
         for number, (name, covariance) in enumerate((covariances or {}).items()):
             engine.put_covariance(name, covariance, default=number == 0)
         for name, source in (references or {}).items():

@@ -253,6 +253,13 @@ class Index:
             ids, values = self._search.query(target, top)
         return ranked_answers(ids, values, len(samples), errors, top)
 
+    def prepare_queries(self) -> None:
+        """Read (or build) what queries use: the pool's ``P`` and, on a pool large enough to be
+        shortlisted, the coarse vectors (a server does this before its first Query)."""
+        self.pool_preconditioner()
+        if self.samples > 2 * coarse.CANDIDATES:
+            self._search.vectors()
+
     # ------------------------------------------------------------------ editing
 
     def delete(self, ids: Sequence[str]) -> int:
