@@ -16,7 +16,7 @@ import torch
 
 from forvalue.bindings.cli import main
 from forvalue.bindings.ray_jobs import pool as ray_jobs
-from forvalue.engine import Covariance, Valuator, load_model
+from forvalue.engine import Covariance, Index, Valuator, load_model
 from forvalue.engine.config import ValuationConfig
 from forvalue.engine.inputs.readers import read_samples
 
@@ -131,6 +131,25 @@ def test_a_covariance_built_on_the_pool_equals_the_local_one(job, tmp_path):
     built = Covariance.load(out)
     assert built.tokens == local.tokens
     torch.testing.assert_close(built.moment_sum, local.moment_sum, rtol=1e-12, atol=1e-12)
+
+
+def test_an_index_built_on_ray_equals_the_local_build(job, tmp_path, capsys):
+    """Two parts built as Ray tasks and merged: the same ids, failed rows and values as one
+    local build; the parts are removed; a second run without --overwrite is refused."""
+    build = ["index", "build", "--model", job["model"], "--dtype", "float64", "--train",
+             str(job["root"] / "train.jsonl"), "--sketch-rows", "0", "--storage", "float32"]
+    assert main([*build, "--out", str(tmp_path / "local")]) == 0
+    assert main([*build, "--out", str(tmp_path / "ray"), "--ray", "--actors", "2"]) == 0
+    assert not (tmp_path / "ray.parts").exists()
+    model = load_model(job["model"], dtype="float64")
+    valid = read_samples(job["root"] / "valid.jsonl")
+    local, distributed = (Index.open(tmp_path / name, model, progress=False) for name in ("local", "ray"))
+    assert distributed.ids() == local.ids() and len(local.ids()) == N_TRAIN - 1
+    assert len(distributed.manifest["failed"]) == len(local.manifest["failed"]) == 1
+    np.testing.assert_allclose(distributed.values(valid).values, local.values(valid).values, rtol=1e-6)
+    capsys.readouterr()
+    assert main([*build, "--out", str(tmp_path / "ray"), "--ray", "--actors", "2"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
 
 
 def test_a_preconditioned_reference_built_on_the_pool_equals_the_local_one(job):

@@ -14,6 +14,7 @@ from ..jobs.batch import STRATEGIES, select_top
 from ..jobs.result_log import write_jsonl_atomic
 from ..jobs.shards import Shard
 from .options import add_model_arguments, add_valuation_arguments, config_from_args
+from .ray_job import add_ray_arguments, run_ray_index_build
 from .report import print_summary
 
 
@@ -37,6 +38,7 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--shard-samples", type=int, default=None, help="samples per shard file")
     build.add_argument("--overwrite", action="store_true", help="replace an index built otherwise in --out")
     _model_and_options(build, INDEX_BUILD)
+    add_ray_arguments(build, out_format=False)
     append = commands.add_parser("append", help="store more samples in an index (resumable)")
     append.add_argument("index", type=Path)
     append.add_argument("--train", required=True, help="the new samples")
@@ -114,11 +116,17 @@ def _build(args: argparse.Namespace) -> int:
     from forvalue.engine.index.writer import SHARD_SAMPLES
 
     shard = Shard.parse(args.shard)
-    index = Index.build(args.train, args.out, model=_model(args), config=config_from_args(args, INDEX_BUILD),
-                        sketch_rows=SKETCH_ROWS if args.sketch_rows is None else args.sketch_rows,
-                        seed=args.seed, storage=args.storage, shard=(shard.index, shard.count),
-                        shard_samples=SHARD_SAMPLES if args.shard_samples is None else args.shard_samples,
-                        overwrite=args.overwrite)
+    config = config_from_args(args, INDEX_BUILD)
+    options = {"sketch_rows": SKETCH_ROWS if args.sketch_rows is None else args.sketch_rows,
+               "seed": args.seed, "storage": args.storage,
+               "shard_samples": SHARD_SAMPLES if args.shard_samples is None else args.shard_samples}
+    if args.ray:
+        if run_ray_index_build(args, config, options) is None:
+            return 1
+        index = Index.open(args.out)
+    else:
+        index = Index.build(args.train, args.out, model=_model(args), config=config,
+                            shard=(shard.index, shard.count), overwrite=args.overwrite, **options)
     print_summary(_brief(index.info()))
     return 0
 

@@ -114,6 +114,25 @@ def run_ray_covariance(args: argparse.Namespace) -> tuple[Any, int] | None:
         return None
 
 
+def run_ray_index_build(args: argparse.Namespace, config: Any, build_options: dict[str, Any]) -> Path | None:
+    """``forvalue index build --ray``: ``--actors`` parts built as Ray tasks, then merged (None
+    when Ray failed, reported in one line; a rerun resumes the parts)."""
+    from ..ray_jobs.index_build import build_index
+
+    if args.shard != "0/1":
+        raise ValueError("--ray builds every part itself: leave out --shard")
+    ray = init_ray(args.ray_address)
+    options = {"device": args.device, "dtype": args.dtype, "adapter": args.adapter}
+    try:
+        return build_index(args.train, args.out, model=args.model, config=config, parts=args.actors,
+                           model_options=options, gpus_per_part=args.gpus_per_actor,
+                           address=args.ray_address, overwrite=args.overwrite, **build_options)
+    except _ray_errors(ray) as error:
+        print(f"forvalue: error: the Ray job failed: {first_line(error)}; rerun the same command to "
+              "resume", file=sys.stderr)
+        return None
+
+
 def _covariance_path(args: argparse.Namespace, config: Any) -> str | None:
     """``--covariance FILE`` as a path every worker opens (checked here first)."""
     if args.covariance == "valid":
