@@ -5,11 +5,13 @@
     IDX/shard-00000.safetensors  one shard: ``hidden`` (tokens x D), ``errors`` (tokens x k),
                               ``gram`` (sum T^2), ``sizes`` and ``rows`` (per sample), the shard's
                               ``moment_sum`` (sum h h^T, float64), its ids in the metadata
+    IDX/coarse/               what the fast routes read, rebuilt when missing (engine/index/coarse.py)
 
-Safetensors because a shard is a few dense arrays read in token ranges: ``safe_open`` maps the
-file and a slice reads only its bytes, so a scan holds one chunk at a time and the index can be
-larger than memory; the format is a standard one any language reads, and its header is checked
-against the file's size, so a truncated shard is caught on open. A shard is written whole
+Safetensors because a shard is a few dense arrays read in token ranges: ``safe_open`` checks
+the header against the file's size (a truncated shard is caught on open), then the arrays are
+read as views of the mapped file, so a scan holds one chunk at a time, a gather of scattered
+samples is one indexing, and the index can be larger than memory; the format is a standard one
+any language reads. A shard is written whole
 (temporary file, fsync, rename) before the manifest names it: after a kill, the manifest names
 only complete shards and a rerun builds the rest.
 """
