@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from forvalue.bench.evals import metrics
+from forvalue.bench.evals.answers_task import DOMAINS, answer_chat
 from forvalue.bench.evals.downstream import fact_sample, make_downstream
 from forvalue.bench.evals.sport_terms import SPORT_TEMPLATES, SPORT_TERMS, SPORTS
 from forvalue.bench.evals.tasks import (
@@ -303,3 +304,29 @@ def test_clean_share_of_a_selection():
     result = metrics.selection_metrics(values, clean)
     assert result["clean_share_0.1"] == 1.0 and result["recall_mean"] == 1.0
     assert result["clean_share_all"] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("size", ["small", "full"])
+def test_answers_tasks_share_their_pool_and_corrupt_it_three_ways(size):
+    small_valid, large_valid = make_task("answers", size, 2), make_task("answers-64", size, 2)
+    assert small_valid.train == large_valid.train
+    assert (len(small_valid.valid), len(large_valid.valid)) == (16, 64)
+    rights = {answer_chat(d, i)[0]: answer_chat(d, i)[1]
+              for d in range(len(DOMAINS)) for i in range(len(DOMAINS[d][2]))}
+    kinds = [s["meta"]["corruption"] for s in small_valid.train]
+    assert kinds.count("none") == len(kinds) - round(0.3 * len(kinds))
+    assert {k: kinds.count(k) for k in ("misaligned", "shuffled", "truncated")} == {
+        k: round(0.3 * len(kinds)) // 3 for k in ("misaligned", "shuffled", "truncated")}
+    for sample in small_valid.train:
+        question, answer = (m["content"] for m in sample["messages"][1:])
+        right, kind = rights[question], sample["meta"]["corruption"]
+        assert sample["meta"]["clean_label"] == int(kind == "none")
+        if kind == "none":
+            assert answer == right
+        elif kind == "truncated":
+            assert answer == " ".join(right.split()[:2])
+        elif kind == "shuffled":
+            assert answer != right and sorted(answer.split()) == sorted(right.split())
+        else:
+            assert answer != right and answer in rights.values()
+    assert all(s["meta"]["clean_label"] == 1 for s in large_valid.valid)

@@ -6,11 +6,14 @@ Identification tasks (DataInf's benchmark, 10 classes; ground truth: the class):
 in chat form with 40% of training answers flipped. ``mislabeled-sport``: the same on another
 domain, the sport a term belongs to, with validation terms that no training sample uses.
 ``selection``: question/answer pairs with about 40% of training answers corrupted by span
-deletion or filler insertion.
+deletion or filler insertion. ``answers`` and ``answers-64`` (bench/evals/answers_task.py):
+general-knowledge chats with 30% of the answers misaligned, shuffled or truncated, with 16 and
+64 validation chats on the same pool.
 
 Every sample keeps its ground truth under ``"meta"`` (ignored by the engine): ``class``,
 ``given`` (the class answered) and ``flipped`` (both mislabeled tasks, train and valid), or
-``clean_label`` (selection, 1 = untouched); ``mislabeled-sport`` adds the ``term``.
+``clean_label`` (selection and answers, 1 = untouched; answers add the ``corruption``);
+``mislabeled-sport`` adds the ``term``.
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .answers_task import VALID as ANSWER_TASKS
+from .answers_task import make_answers
 from .sport_terms import SPORT_TEMPLATES, SPORT_TERMS, SPORTS
 
-TASKS = ("sentence", "math", "math-reason", "mislabeled", "mislabeled-sport", "selection")
+TASKS = ("sentence", "math", "math-reason", "mislabeled", "mislabeled-sport", "selection", "answers",
+         "answers-64")
 SIZES = ("small", "full")
 IDENTIFICATION = ("sentence", "math", "math-reason")
 
@@ -74,6 +80,9 @@ def make_task(name: str, size: str = "small", seed: int = 0) -> Task:
         return _mislabeled(size, rng)
     if name == "mislabeled-sport":
         return _mislabeled_sport(size, rng)
+    if name in ANSWER_TASKS:
+        train, valid = make_answers(name, size, seed)
+        return Task(name, "selection", with_ids(train, "train"), with_ids(valid, "valid"), loss_on="response")
     return _selection(size, rng)
 
 
