@@ -84,7 +84,8 @@ class CoarseSearch:
             found = self._assemble(store, frozen)
             if len(found.vectors) >= lists.LISTS_FROM:
                 found.lists = store.lists(found, {"index": index.fingerprint, "normalize": config.normalize,
-                                                  "whitening": coarse.whitening_id(frozen)})
+                                                  "whitening": coarse.whitening_id(frozen),
+                                                  "size": coarse.COARSE_SIZE})
             exact = config.normalize != "cosine" or _same(pool, frozen)
             self._held = _Held(key, found, frozen, divisors_exact=exact)
         return self._held.vectors
