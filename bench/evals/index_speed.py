@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -123,6 +124,31 @@ def real_pool(index: Index, valid: list[dict], queries: list[dict], top: int = 1
     return out
 
 
+def drop_from_page_cache(folder: Path) -> None:
+    """Ask the kernel to drop the index's files from the page cache (``POSIX_FADV_DONTNEED``
+    needs no privileges; clean pages go), so that the next reads come from the disk."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as file:
+                os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def cold(folder: Path, model, config, valid: list[dict], queries: list[dict]) -> dict:
+    """A freshly opened index whose files are dropped from the page cache after its target's
+    forward pass: select (every stored token, and the estimates alone) and one query."""
+    out = {}
+    for name, call in (("select_exact", lambda index: index.select(valid, RATIO)),
+                       ("select_shortlist_0", lambda index: index.select(valid, RATIO, shortlist=0)),
+                       ("query", lambda index: index.query(queries[:1], top=10))):
+        index = Index.open(folder, model, config, progress=False)
+        target = (index.prepare_target(queries[:1], "each", True) if name == "query"
+                  else index.prepare_target(valid, "mean", False))
+        index.prepare_target = lambda *args, target=target, **kwargs: target
+        drop_from_page_cache(folder)
+        _, out[f"{name}_seconds_after_the_target"] = timed(call, index)
+    return out
+
+
 def tie_aware_recall(found: list[dict], truth: list[dict], copies: int, top: int) -> float:
     """Recall against a pool of ``copies`` copies of each sample: a found sample counts when its
     exact value is at least the exact ``top``-th of the tiled pool (the copies tie)."""
@@ -218,6 +244,7 @@ def main() -> None:
                    f"--pool-task {args.pool_task} --million {args.million}")
         result = {"machine": machine(), "command": command,
                   "pool_index": index.info(), "real": real_pool(index, pool_task.valid, queries),
+                  "cold": cold(args.pool_index, model, config, pool_task.valid, queries),
                   "million": at_million(index, pool_task.valid, queries, args.million)}
         return finish(result, args.out)
     task = make_task("selection", "full", 0)

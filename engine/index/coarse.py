@@ -93,14 +93,18 @@ class CoarseVectors:
 
     def candidates(self, queries: torch.Tensor, count: int) -> torch.Tensor:
         """Positions of the ``count`` samples of highest and of lowest estimate per query
-        (from the lists' probed members where the vectors have lists)."""
+        (from the lists' probed members where the vectors have lists; else one read of every
+        vector serves both sides)."""
+        if self.lists is None:
+            found = self.estimates(queries)
+            count = min(count, len(found))
+            return torch.cat([found.topk(count, dim=0).indices.reshape(-1),
+                              (-found).topk(count, dim=0).indices.reshape(-1)]).unique()
         chosen = []
         for side in (1, -1):
-            probed = self.lists.probed(queries, side) if self.lists is not None else [None] * len(queries)
-            for query, rows in zip(queries, probed, strict=True):
+            for query, rows in zip(queries, self.lists.probed(queries, side), strict=True):
                 found = side * self.estimates(query[None], rows)[:, 0]
-                best = found.topk(min(count, len(found))).indices
-                chosen.append(best if rows is None else rows[best])
+                chosen.append(rows[found.topk(min(count, len(found))).indices])
         return torch.cat(chosen).unique()
 
     def by_shard(self, positions: torch.Tensor) -> dict[int, list[int]]:

@@ -1,7 +1,7 @@
 """Inverted lists over the coarse vectors: a query reads a few lists, not the whole pool
 (docs/design.md, "Index").
 
-Reading every coarse vector (4096 values per stored sample) costs a query about 0.7 s at 1M
+Reading every coarse vector (4096 values per stored sample) costs a query about 0.5 s at 1M
 stored samples on two cores, so from ``LISTS_FROM`` samples on the vectors, divided by their
 norms (what a query ranks by), are grouped into ``sqrt(n)`` lists by spherical k-means on a
 ``PROJECTED``-value random projection of them. A query scores the lists' centroids and reads
@@ -17,7 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-LISTS_FROM = 65536  # below, a query reads every coarse vector (45 ms at 65k)
+# Below, a query reads every coarse vector: on noisy coarse vectors the lists lose recall (0.63
+# at recall@10 with 1/32 of the lists probed, 0.81 with 1/4, against 0.985 for a full read:
+# bench/results/index.md), so they serve only pools where a full read takes seconds.
+LISTS_FROM = 4_000_000
 PROJECTED = 256  # values per vector the lists are clustered on
 TRAIN_PER_LIST = 64  # k-means learns from this many sampled vectors per list
 ITERATIONS = 8
