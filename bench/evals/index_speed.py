@@ -10,7 +10,12 @@ the task generator, rather than in perf/, because it needs distinct samples for 
   ``--tile`` samples (real states and sketches, repeated), warm page cache: the target's
   forward pass, one full scan, building the coarse vectors, a shortlisted top-10 query;
 - **10 targets** (the validation chats in 10 groups) on ``--targets-pool`` training chats:
-  one index build and one scan for all, against 10 exact ``select`` valuations.
+  one index build and one scan for all, against 10 exact ``select`` valuations;
+- **million** (``--parts million --pool-index IDX``, an index of distinct samples of
+  ``--pool-task`` built apart): on its real samples, what select's fast routes keep of the
+  exact choice and the query recall with and without inverted lists; cold reads (files
+  dropped from the page cache); then the coarse vectors tiled to ``--million``: select on the
+  estimates and shortlisted queries, each timed after its target's forward pass.
 
     python -m forvalue.bench.evals.index_speed --tile 20000 --out bench/results/index/speed.json
 """
