@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from . import lists as inverted
 from .layout import Target, sample_norms
 from .store import SCAN_TOKENS, Shard
 
-COARSE_SIZE = 4096  # values per coarse vector: 8 KiB in bfloat16; 1M of them read in 0.7 s
+COARSE_SIZE = 4096  # values per coarse vector: 8 KiB in bfloat16; 1M of them read in about 0.45 s
 CANDIDATES = 64  # stored samples per side of a query valued exactly, at least (4 top, if more)
 COARSE_FOLDER, WHITENING_FILE, LISTS_FILE = "coarse", "whitening.safetensors", "lists.safetensors"
 
@@ -124,27 +123,24 @@ class CoarseStore:
     def __init__(self, folder: Path, sketch: CoarseSketch, seed: int) -> None:
         self.folder, self.sketch, self.seed = folder / COARSE_FOLDER, sketch, seed
 
-    def whitening(self, pool: Callable[[], Preconditioner | None],
-                  damping: float | None) -> Preconditioner | None:
-        """The frozen ``P`` for ``damping`` (None: no whitening); taken from ``pool()`` and
-        saved when there is none, or one for another damping."""
-        if damping is None:
+    def whitening(self, pool: Preconditioner | None) -> Preconditioner | None:
+        """The frozen ``P`` for ``pool``'s damping (None: no whitening): the saved one, else
+        ``pool`` (the pool's ``P`` now), saved."""
+        if pool is None:
             return None
-        path = self.folder / WHITENING_FILE
-        saved = _read(path, {"damping": repr(damping)})
+        path, stamp = self.folder / WHITENING_FILE, {"damping": repr(pool.damping)}
+        saved = _read(path, stamp)
         if saved is not None:
-            return Preconditioner(saved["moment_sum"], int(saved["tokens"]), damping)
-        pre = pool()
+            return Preconditioner(saved["moment_sum"], int(saved["tokens"]), pool.damping)
         self.folder.mkdir(exist_ok=True)
-        moments = {"moment_sum": pre.moment_sum, "tokens": torch.tensor(pre.tokens)}
-        _write(path, moments, {"damping": repr(damping)})
-        return pre
+        _write(path, {"moment_sum": pool.moment_sum, "tokens": torch.tensor(pool.tokens)}, stamp)
+        return pool
 
-    def shard_vectors(self, entry: dict, shard: Shard,
-                      pre: Preconditioner | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every sample of ``shard``: its coarse vector and cosine norm under ``pre``; saved,
-        else built (one read of the shard) and saved."""
-        stamp = {"entry": entry, "whitening": whitening_id(pre), "seed": self.seed, "size": COARSE_SIZE}
+    def shard_vectors(self, entry: dict, shard: Shard, pre: Preconditioner | None,
+                      pre_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sample of ``shard``: its coarse vector and cosine norm under ``pre`` (whose
+        ``whitening_id`` is ``pre_id``); saved, else built (one read of the shard) and saved."""
+        stamp = {"entry": entry, "whitening": pre_id, "seed": self.seed, "size": COARSE_SIZE}
         path = self._path(entry["file"])
         saved = _read(path, stamp)
         if saved is not None:
@@ -162,9 +158,9 @@ class CoarseStore:
     def lists(self, vectors: CoarseVectors, stamp: dict) -> inverted.Lists:
         """The inverted lists of ``vectors`` (the live samples of one state of the index)."""
         path = self.folder / LISTS_FILE
-        saved = _read(path, stamp)
+        saved = inverted.Lists.from_tensors(_read(path, stamp) or {})
         if saved is not None:
-            return inverted.Lists.from_tensors(saved)
+            return saved
         lists = inverted.build(vectors.vectors, vectors.norms, self.seed)
         _write(path, lists.tensors(), stamp)
         return lists
@@ -191,6 +187,7 @@ def divisors(cosine: torch.Tensor, sizes: list[int], normalize: str) -> torch.Te
 
 
 def whitening_id(pre: Preconditioner | None) -> str:
+    """What a ``P`` was factored from (a digest of its moments: computed once per use)."""
     if pre is None:
         return "none"
     digest = hashlib.sha256(pre.moment_sum.to(torch.float64).numpy().tobytes())

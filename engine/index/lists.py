@@ -40,6 +40,8 @@ class Lists:
     members: torch.Tensor  # (n,) int64
     starts: torch.Tensor  # (lists + 1,) int64
 
+    NAMES = ("lists_projection", "lists_projected", "lists_centroids", "lists_members", "lists_starts")
+
     @property
     def count(self) -> int:
         return len(self.centroids)
@@ -58,15 +60,15 @@ class Lists:
         return found
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"lists_projection": self.projection, "lists_projected": self.projected,
-                "lists_centroids": self.centroids, "lists_members": self.members, "lists_starts": self.starts}
+        parts = (self.projection, self.projected, self.centroids, self.members, self.starts)
+        return dict(zip(self.NAMES, parts, strict=True))
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> Lists | None:
-        if "lists_members" not in tensors:
+        """The lists saved as ``tensors``, or None where any part is missing."""
+        if any(name not in tensors for name in cls.NAMES):
             return None
-        return cls(tensors["lists_projection"], tensors["lists_projected"], tensors["lists_centroids"],
-                   tensors["lists_members"], tensors["lists_starts"])
+        return cls(*(tensors[name] for name in cls.NAMES))
 
 
 def build(vectors: torch.Tensor, norms: torch.Tensor, seed: int) -> Lists:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..valuation.precondition import Preconditioner, resolve_damping
+from ..valuation.precondition import Preconditioner
 from . import coarse, lists
 from .layout import Target
 
@@ -74,18 +74,17 @@ class CoarseSearch:
         """The live samples' coarse vectors (index order) for this state of the index and the
         options: held, else assembled from the saved shards' (built where missing)."""
         index, config = self.index, self.index.config
-        damping = None if config.precondition is None else \
-            resolve_damping(config.precondition, config.damping, from_pool=True)
+        pool = index.pool_preconditioner()
         key = json.dumps({"index": index.fingerprint, "normalize": config.normalize,
-                          "damping": repr(damping)})
+                          "damping": repr(None if pool is None else pool.damping)})
         if self._held is None or self._held.key != key:
             store = coarse.CoarseStore(index.folder, self.sketch(), self._seed())
-            frozen, pool = store.whitening(index.pool_preconditioner, damping), index.pool_preconditioner()
-            found = self._assemble(store, frozen)
+            frozen = store.whitening(pool)
+            frozen_id = coarse.whitening_id(frozen)
+            found = self._assemble(store, frozen, frozen_id)
             if len(found.vectors) >= lists.LISTS_FROM:
                 found.lists = store.lists(found, {"index": index.fingerprint, "normalize": config.normalize,
-                                                  "whitening": coarse.whitening_id(frozen),
-                                                  "size": coarse.COARSE_SIZE})
+                                                  "whitening": frozen_id, "size": coarse.COARSE_SIZE})
             exact = config.normalize != "cosine" or _same(pool, frozen)
             self._held = _Held(key, found, frozen, divisors_exact=exact)
         return self._held.vectors
@@ -107,7 +106,8 @@ class CoarseSearch:
     def _seed(self) -> int:
         return int(self.index.manifest["identity"]["sketch"]["seed"])
 
-    def _assemble(self, store: coarse.CoarseStore, frozen: Preconditioner | None) -> coarse.CoarseVectors:
+    def _assemble(self, store: coarse.CoarseStore, frozen: Preconditioner | None,
+                  frozen_id: str) -> coarse.CoarseVectors:
         """Each shard's saved vectors (built where missing), the deleted samples left out."""
         index, deleted = self.index, set(self.index.manifest["deleted"])
         parts, norms, places, files = [], [], [], set()
@@ -115,7 +115,7 @@ class CoarseSearch:
         quiet = not index.progress or len(numbers) < 2
         for number in tqdm(numbers, desc="coarse vectors", unit="shard", disable=quiet):
             entry, shard = index.manifest["shards"][number], index.shard(number)
-            vectors, cosine = store.shard_vectors(entry, shard, frozen)
+            vectors, cosine = store.shard_vectors(entry, shard, frozen, frozen_id)
             live = torch.tensor([p for p, i in enumerate(shard.ids) if i not in deleted], dtype=torch.int64)
             parts.append(vectors if len(live) == len(vectors) else vectors[live])
             norms.append(coarse.divisors(cosine, shard.sizes, index.config.normalize)[live])
