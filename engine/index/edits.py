@@ -91,12 +91,10 @@ def _source_number(sources: list[dict], source: dict) -> int:
 
 
 def _kept_tensors(shard: Shard, keep: list[int]) -> dict[str, torch.Tensor]:
-    tokens = torch.cat([torch.arange(*shard.token_starts[p:p + 2]) for p in keep])
-    grams = torch.cat([torch.arange(*shard.gram_starts[p:p + 2]) for p in keep])
-    hidden = shard.tensor("hidden")[tokens]
-    return {"hidden": hidden, "errors": shard.tensor("errors")[tokens], "gram": shard.tensor("gram")[grams],
+    kept = shard.gather(keep)
+    return {"hidden": kept.hidden, "errors": kept.errors, "gram": kept.gram,
             "sizes": shard.tensor("sizes")[keep], "rows": shard.tensor("rows")[keep],
-            "moment_sum": moment_sum(hidden)}
+            "moment_sum": moment_sum(kept.hidden)}
 
 
 def _generation(path: Path) -> int:

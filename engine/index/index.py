@@ -170,8 +170,7 @@ class Index:
         return fingerprint(self.manifest)
 
     def ids(self) -> list[str]:
-        deleted = set(self.manifest["deleted"])
-        return [i for entry in self._entries() for i in self._shard(entry).ids if i not in deleted]
+        return [shard.ids[p] for _, shard, live in self.live_shards() for p in live]
 
     def source_samples(self, source: int) -> Sequence[dict]:
         """The samples of a source (a training file) read again, checked to be what was stored."""
@@ -308,6 +307,14 @@ class Index:
         """The shard of manifest entry ``number``, opened once."""
         return self._shard(self.manifest["shards"][number])
 
+    def live_shards(self) -> Iterator[tuple[int, Shard, list[int]]]:
+        """(entry number, shard, the positions of its samples not deleted), in index order."""
+        deleted = set(self.manifest["deleted"])
+        for number, entry in enumerate(self.manifest["shards"]):
+            if entry["file"]:
+                shard = self._shard(entry)
+                yield number, shard, [p for p, i in enumerate(shard.ids) if i not in deleted]
+
     @functools.cached_property
     def _sketch(self) -> torch.Tensor:
         """``R``, drawn again from the seed (and checked to be the one the index was built with)."""
@@ -354,29 +361,24 @@ class Index:
     def _pool_moments(self) -> tuple[torch.Tensor, int]:
         """The pool's ``sum h h^T`` and token count, deleted samples taken out."""
         total, tokens = None, 0
-        deleted = set(self.manifest["deleted"])
-        for entry in self._entries():
-            shard = self._shard(entry)
-            gone = [p for p, i in enumerate(shard.ids) if i in deleted]
+        for _, shard, live in self.live_shards():
             part = shard.tensor("moment_sum")
+            gone = sorted(set(range(len(shard.ids))).difference(live))
             if gone:  # read only the deleted samples' states
                 part = part - moment_sum(shard.gather(gone).hidden)
             total = part if total is None else total + part
-            tokens += entry["tokens"] - sum(shard.sizes[p] for p in gone)
+            tokens += sum(shard.sizes[p] for p in live)
         if total is None or tokens == 0:
             raise ValueError(f"{self.folder} holds no sample")
         return total, tokens
 
     def _listing(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Ids, sources and rows of every live stored sample, in index order (a scan's)."""
-        deleted = set(self.manifest["deleted"])
         ids, sources, rows = [], [], []
-        for entry in self._entries():
-            shard = self._shard(entry)
-            live = [p for p, i in enumerate(shard.ids) if i not in deleted]
+        for number, shard, live in self.live_shards():
             ids.extend(shard.ids[p] for p in live)
             rows.extend(shard.rows[p] for p in live)
-            sources.extend([entry["source"]] * len(live))
+            sources.extend([self.manifest["shards"][number]["source"]] * len(live))
         return ids, np.asarray(sources, dtype=np.int64), np.asarray(rows, dtype=np.int64)
 
     def scan(self, targets: list[Target]) -> np.ndarray:
@@ -388,11 +390,10 @@ class Index:
 
     def _live_chunks(self) -> Iterator[tuple[ShardChunk, list[int]]]:
         """(chunk, the chunk's rows not deleted) over every stored sample."""
-        deleted = set(self.manifest["deleted"])
-        entries = self._entries()
-        quiet = not self.progress or len(entries) < 2
-        for entry in tqdm(entries, desc="scan", unit="shard", disable=quiet):
-            shard = self._shard(entry)
-            keep = {p for p, i in enumerate(shard.ids) if i not in deleted}
-            for chunk in shard.chunks(SCAN_TOKENS, keep if deleted else None):
+        count = len(self._entries())
+        shards = tqdm(self.live_shards(), total=count, desc="scan", unit="shard",
+                      disable=not self.progress or count < 2)
+        for _, shard, live in shards:
+            keep = set(live)
+            for chunk in shard.chunks(SCAN_TOKENS, keep if len(keep) < len(shard.ids) else None):
                 yield chunk, [j for j, p in enumerate(chunk.positions) if p in keep]

@@ -109,14 +109,15 @@ class CoarseSearch:
     def _assemble(self, store: coarse.CoarseStore, frozen: Preconditioner | None,
                   frozen_id: str) -> coarse.CoarseVectors:
         """Each shard's saved vectors (built where missing), the deleted samples left out."""
-        index, deleted = self.index, set(self.index.manifest["deleted"])
+        index = self.index
         parts, norms, places, files = [], [], [], set()
-        numbers = [n for n, entry in enumerate(index.manifest["shards"]) if entry["file"]]
-        quiet = not index.progress or len(numbers) < 2
-        for number in tqdm(numbers, desc="coarse vectors", unit="shard", disable=quiet):
-            entry, shard = index.manifest["shards"][number], index.shard(number)
+        count = sum(1 for entry in index.manifest["shards"] if entry["file"])
+        shards = tqdm(index.live_shards(), total=count, desc="coarse vectors", unit="shard",
+                      disable=not index.progress or count < 2)
+        for number, shard, positions in shards:
+            entry = index.manifest["shards"][number]
             vectors, cosine = store.shard_vectors(entry, shard, frozen, frozen_id)
-            live = torch.tensor([p for p, i in enumerate(shard.ids) if i not in deleted], dtype=torch.int64)
+            live = torch.tensor(positions, dtype=torch.int64)
             parts.append(vectors if len(live) == len(vectors) else vectors[live])
             norms.append(coarse.divisors(cosine, shard.sizes, index.config.normalize)[live])
             places.append(torch.stack([torch.full_like(live, number), live], dim=1))
