@@ -37,9 +37,9 @@ class CoarseSketch:
     """A tensor sketch (Pham and Pagh, 2013) of ``u_t (x) z_t``: count sketches of both sides
     (``COARSE_SIZE`` buckets, random signs, from the index's sketch seed: another stream than
     ``R``'s), circularly convolved. ``<x(a), x(b)>`` estimates ``sum (u_t . u_s)(z_t . z_s)``
-    without bias, with a variance of about ``3 / COARSE_SIZE`` of the squared norms: a fifth of
-    the noise of a Gaussian sketch of each side to 32 and 64 values at the same size
-    (bench/results/index.md)."""
+    without bias, with a variance of about ``3 / COARSE_SIZE`` of the squared norms (in theory
+    a fifth of the noise of a Gaussian sketch of each side to 32 and 64 values at 2048; the
+    measured correlations are in bench/results/index.md)."""
 
     def __init__(self, error_rows: int, features: int, seed: int) -> None:
         generator = torch.Generator().manual_seed(seed + 1)
