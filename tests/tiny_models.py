@@ -18,17 +18,20 @@ SIZES = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_
              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
 
 
-def tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
-    """``kind``: tied | untied | bias (untied head with a bias) | softcap | scale."""
+def tiny_model(kind: str, seed: int = 0, sizes: dict | None = None) -> torch.nn.Module:
+    """``kind``: tied | untied | bias (untied head with a bias) | softcap | scale; ``sizes``
+    overrides some of SIZES."""
     torch.manual_seed(seed)
+    sizes = {**SIZES, **(sizes or {})}
     if kind == "softcap":
-        config = Gemma2Config(**SIZES, head_dim=8, final_logit_softcapping=2.0,
+        head_dim = sizes["hidden_size"] // sizes["num_attention_heads"]
+        config = Gemma2Config(**sizes, head_dim=head_dim, final_logit_softcapping=2.0,
                               attn_implementation="eager")
         model = Gemma2ForCausalLM(config)
     elif kind == "scale":
-        model = GraniteForCausalLM(GraniteConfig(**SIZES, logits_scaling=0.4))
+        model = GraniteForCausalLM(GraniteConfig(**sizes, logits_scaling=0.4))
     else:
-        model = LlamaForCausalLM(LlamaConfig(**SIZES, tie_word_embeddings=kind == "tied"))
+        model = LlamaForCausalLM(LlamaConfig(**sizes, tie_word_embeddings=kind == "tied"))
         if kind == "bias":
             old = model.lm_head
             model.lm_head = torch.nn.Linear(old.in_features, old.out_features, bias=True)

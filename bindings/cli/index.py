@@ -13,7 +13,7 @@ from forvalue.engine.config import INDEX_BUILD, INDEX_QUERY
 from ..jobs.batch import STRATEGIES, select_top
 from ..jobs.result_log import write_jsonl_atomic
 from ..jobs.shards import Shard
-from .options import add_model_arguments, add_valuation_arguments, config_from_args
+from .options import add_model_arguments, add_valuation_arguments, config_from_args, load_model_from_args
 from .ray_job import add_ray_arguments, run_ray_index_build
 from .report import print_summary
 
@@ -91,9 +91,7 @@ def _model_and_options(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def _model(args: argparse.Namespace) -> Any:
-    from forvalue.engine import load_model
-
-    return load_model(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
+    return load_model_from_args(args)
 
 
 def _open(args: argparse.Namespace, *, with_model: bool, command: str | None = None) -> Any:

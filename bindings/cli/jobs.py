@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from forvalue.engine import Valuator, load_model
+from forvalue.engine import Valuator
 from forvalue.engine.inputs.readers import read_samples
 
 from ..jobs.batch import STRATEGIES, memory_estimate, run_score, select_top
@@ -20,6 +20,7 @@ from .options import (
     add_valuation_arguments,
     config_from_args,
     covariance_from_args,
+    load_model_from_args,
 )
 from .ray_job import add_ray_arguments, print_ray_summary, run_ray_job
 from .report import print_summary
@@ -130,7 +131,7 @@ def _open_job(args: argparse.Namespace, command: str, mode: str) -> tuple[Valuat
     config = config_from_args(args, command)
     covariance = covariance_from_args(args, config)
     train = read_samples(args.train, fields=_fields(args), split=args.split)
-    model = load_model(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
+    model = load_model_from_args(args)
     valuator = Valuator(model, config=config, covariance=covariance, progress=False)
     print(f"forvalue: {len(train)} training samples; "
           + memory_estimate(valuator.model, mode, config.batch_tokens, 0), file=sys.stderr)

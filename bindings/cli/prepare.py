@@ -13,10 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from forvalue.engine import Covariance, Valuator, load_model
+from forvalue.engine import Covariance, Valuator
 from forvalue.engine.inputs.readers import read_samples
 
-from .options import add_model_arguments, add_valuation_arguments, config_from_args
+from .options import add_model_arguments, add_valuation_arguments, config_from_args, load_model_from_args
 from .ray_job import add_ray_arguments, run_ray_covariance
 from .report import print_summary
 
@@ -53,7 +53,7 @@ def _local_covariance(args: argparse.Namespace) -> tuple[Covariance, int, int]:
     """The covariance, the samples skipped and those summed, in this process."""
     config = config_from_args(args, "covariance")
     samples = read_samples(args.train)
-    model = load_model(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
+    model = load_model_from_args(args)
     covariance, errors = Valuator(model, config=config, progress=True).covariance(samples, errors="collect")
     for error in errors:
         print(f"forvalue: skipped {error}", file=sys.stderr)
@@ -80,7 +80,7 @@ def run_warmup(args: argparse.Namespace) -> int:
     from forvalue.engine.warmup import warmup
 
     samples = read_samples(args.train)
-    model = load_model(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
+    model = load_model_from_args(args)
     result = warmup(model, samples, args.out, config=config_from_args(args, "warmup"), epochs=args.epochs,
                     rank=args.rank, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
     print_summary({"adapter": str(result.adapter), "steps": result.steps,

@@ -33,7 +33,7 @@ from ..ray_jobs.pool import (
     score_dataset,
     with_index,
 )
-from .options import config_from_args, covariance_from_args
+from .options import config_from_args, covariance_from_args, model_options
 from .report import print_summary
 
 PARQUET_ROWS = 1_000_000  # rows per parquet file of --out-format parquet
@@ -77,7 +77,7 @@ def run_ray_job(args: argparse.Namespace, command: str, mode: str, out: Path,
     files.out.parent.mkdir(parents=True, exist_ok=True)
     claim_batch_output(args, command, mode, config, files, fields)
     ray = init_ray(args.ray_address)
-    options = {"device": args.device, "dtype": args.dtype, "adapter": args.adapter}
+    options = model_options(args)
     try:
         reference = None
         if mode == "reference":
@@ -104,7 +104,7 @@ def run_ray_covariance(args: argparse.Namespace) -> tuple[Any, int] | None:
     """``forvalue covariance --ray``: the covariance summed on the pool (None when Ray failed,
     reported in one line)."""
     ray = init_ray(args.ray_address)
-    options = {"device": args.device, "dtype": args.dtype, "adapter": args.adapter}
+    options = model_options(args)
     try:
         return build_covariance(read_dataset(args.train), model=args.model,
                                 config=config_from_args(args, "covariance"), actors=args.actors,
@@ -122,7 +122,7 @@ def run_ray_index_build(args: argparse.Namespace, config: Any, build_options: di
     if args.shard != "0/1":
         raise ValueError("--ray builds every part itself: leave out --shard")
     ray = init_ray(args.ray_address)
-    options = {"device": args.device, "dtype": args.dtype, "adapter": args.adapter}
+    options = model_options(args)
     try:
         return build_index(args.train, args.out, model=args.model, config=config, parts=args.actors,
                            model_options=options, gpus_per_part=args.gpus_per_actor,

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from forvalue.engine import load_model
 from forvalue.engine.config import ValuationConfig
 
 from ..server.auth import read_token
@@ -25,6 +24,7 @@ from .options import (
     add_valuation_arguments,
     config_from_args,
     covariance_from_args,
+    load_model_from_args,
 )
 from .report import USER_ERRORS, user_error
 
@@ -170,8 +170,7 @@ def _start_metrics(server: ValuationServer, args: argparse.Namespace) -> Metrics
 async def _load_until_stopped(server: ValuationServer, args: argparse.Namespace,
                               references: dict[str, Path], stop: asyncio.Event) -> int:
     async def load() -> None:
-        model = await asyncio.to_thread(load_model, args.model, device=args.device, dtype=args.dtype,
-                                        adapter=args.adapter)
+        model = await asyncio.to_thread(load_model_from_args, args)
         covariance = covariance_from_args(args, server.valuation)
         # Named after its file: PutReference calls name it (or take it as the default).
         covariances = {} if covariance is None else {Path(args.covariance).stem: covariance}

@@ -39,7 +39,9 @@ class PairwiseValid:
 
 def memory_estimate(model: ValuationModel, mode: str, batch_tokens: int, n_valid: int) -> str:
     """A rough peak-memory figure printed before a job starts (weights, reference, work)."""
-    weights = sum(p.numel() * p.element_size() for p in model.backbone.parameters())
+    # the vLLM backbone's weights live in its own process: here only the head
+    weights = (model.head_weight.numel() * model.head_weight.element_size() if model.backbone is None
+               else sum(p.numel() * p.element_size() for p in model.backbone.parameters()))
     if model.skip is not None:  # the skip readout's head [W, 0] is a copy of its own
         weights += model.head_weight.numel() * model.head_weight.element_size()
     head = model.head_weight.numel() * 4

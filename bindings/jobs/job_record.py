@@ -108,6 +108,8 @@ def batch_identity(args: Any, command: str, mode: str, config: ValuationConfig,
         "train": file_fingerprint(args.train), "split": args.split, "fields": dict(fields),
         "shard": getattr(args, "shard", None) or "0/1",
     }
+    if getattr(args, "backbone", "hf") != "hf":  # (records of the native backbone predate the key)
+        compared["backbone"] = args.backbone
     named = {"train": str(args.train)}
     if mode != "self":
         compared["valid"] = file_fingerprint(args.valid)

@@ -61,14 +61,14 @@ class EngineCore:
         self.model = model = with_skip_readout(model, config.skip_depth)
         self.config = config
         self.runner = ModelRunner(model, attention=config.attention, batch_tokens=config.batch_tokens)
-        self.scheduler = Scheduler(config)
+        self.scheduler = Scheduler(config, split_long=self.runner.splits_long)
         self.math = LabelMath(model, config.backend)
         self._lock = threading.Lock()
 
     def reset(self) -> None:
         """Drop every queued request (what a run that raised midway left behind)."""
         with self._lock:
-            self.scheduler = Scheduler(self.config)
+            self.scheduler = Scheduler(self.config, split_long=self.runner.splits_long)
 
     # ------------------------------------------------------------------ admission
 

@@ -117,6 +117,13 @@ def _image_text_attention(model: ValuationModel, requested: str) -> tuple[str, s
     return "buckets", "image-text models run in buckets"
 
 
+def _vllm_attention(model: ValuationModel, requested: str) -> tuple[str, str]:
+    if requested != "auto":
+        raise PackingUnsupported(f"{model.name}: the vLLM backbone batches the samples with its own "
+                                 f"attention; attention={requested} does not apply")
+    return "vllm", "the vLLM backbone batches the samples itself"
+
+
 def _auto_modes(model: ValuationModel) -> tuple[str, ...]:
     """The packed modes "auto" tries on this model's device, best first; buckets follow."""
     if model.device.type != "cuda":
@@ -171,6 +178,12 @@ def _forward_row(model: ValuationModel, samples: Sequence[Sequence[int]], mode: 
     with _FORWARD_LOCK, _attention_implementation(model.backbone, name):
         return model.backbone_states(input_ids=ids, position_ids=positions, use_cache=False,
                                      **packed_kwargs(mode, segments))[0]
+
+
+def _vllm_row(model: ValuationModel, samples: Sequence[Sequence[int]], _mode: str) -> torch.Tensor:
+    """The samples' states from the vLLM backbone, concatenated like a packed row, on the device."""
+    skip_layer = None if model.skip is None else model.skip.layer
+    return torch.cat(model.vllm.states(samples, skip_layer)).to(model.device, model.dtype)
 
 
 @contextmanager
@@ -240,8 +253,14 @@ class ModelRunner:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         self.model = model
         self.batch_tokens = batch_tokens
-        choose = _choose_attention if model.vision is None else _image_text_attention
+        choose = (_vllm_attention if model.vllm is not None
+                  else _choose_attention if model.vision is None else _image_text_attention)
         self.attention, self.why_not_packed = choose(model, attention)
+        # vLLM runs a long sample whole (its own scheduler, no cache carried between our steps)
+        self.splits_long = self.attention != "vllm"
+        if model.backbone is None:
+            self.vocab_size = model.vocab_size
+            return
         self.vocab_size = model.backbone.get_input_embeddings().num_embeddings
         parameters = inspect.signature(model.backbone.forward).parameters
         self._cache_keyword = "cache" if "cache" in parameters else "past_key_values"
@@ -269,7 +288,7 @@ class ModelRunner:
         result = RunnerOutput()
         if not output.chunks:
             return result
-        if output.is_chunk_step:
+        if output.is_chunk_step and self.splits_long:
             self._run_chunk(output.chunks[0], result)
             return result
         requests = [chunk.request for chunk in output.chunks]
@@ -283,7 +302,8 @@ class ModelRunner:
         """Label states of whole samples, and whether they are finite, in sample order."""
         if self.attention == "buckets":
             return self._bucket_states(samples)
-        hidden = _forward_row(self.model, [sample.input_ids for sample in samples], self.attention)
+        forward = _vllm_row if self.attention == "vllm" else _forward_row
+        hidden = forward(self.model, [sample.input_ids for sample in samples], self.attention)
         starts = itertools.accumulate((len(sample.input_ids) for sample in samples), initial=0)
         return _gather(hidden, [(sample, start, 0, len(sample.input_ids))
                                 for sample, start in zip(samples, starts, strict=False)])

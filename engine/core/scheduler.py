@@ -70,10 +70,13 @@ class SchedulerOutput:
 
 class Scheduler:
     """Its limits are the config's: ``batch_tokens`` and ``max_seqs`` per step, ``policy``,
-    ``max_waiting`` (None: unbounded, for offline jobs that hold their samples anyway)."""
+    ``max_waiting`` (None: unbounded, for offline jobs that hold their samples anyway).
+    ``split_long=False``: a long request still runs alone, but whole, in one chunk step (a
+    backbone with its own scheduler, vLLM, carries no cache between our steps)."""
 
-    def __init__(self, config: ValuationConfig) -> None:
+    def __init__(self, config: ValuationConfig, *, split_long: bool = True) -> None:
         self.config = config
+        self.split_long = split_long
         self._waiting: list[Request] = []  # sorted by self._order
         self._chunked: Request | None = None  # the long request between its chunks
         self._in_flight: SchedulerOutput | None = None
@@ -196,7 +199,9 @@ class Scheduler:
     def _schedule_chunk(self, output: SchedulerOutput) -> None:
         request = self._chunked
         start = request.num_computed_tokens
-        end = min(request.num_tokens, start + self.config.batch_tokens)
+        end = request.num_tokens
+        if self.split_long:
+            end = min(end, start + self.config.batch_tokens)
         output.chunks.append(ScheduledChunk(request, start, end))
         output.is_chunk_step = True
 

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from ..inputs.images import ImageLimits
     from ..inputs.vision import ImageInputs, Vision
     from .skip import SkipStates
+    from .vllm_backbone import VllmBackbone, VllmOptions
+
+BACKBONES = ("hf", "vllm")  # who computes the hidden states: transformers here, or a vLLM engine
 
 
 class ModelError(ValueError):
@@ -35,10 +38,11 @@ class ModelError(ValueError):
 
 @dataclass
 class ValuationModel:
-    """A resident model: ``hidden_states`` runs the backbone only; the head is kept apart."""
+    """A resident model: ``hidden_states`` runs the backbone only; the head is kept apart.
+    With the vLLM backbone, ``vllm`` computes the states and ``backbone`` is None."""
 
     name: str
-    backbone: torch.nn.Module
+    backbone: torch.nn.Module | None
     head_weight: torch.Tensor
     transform: LogitTransform  # bias, logit scale, final softcap: the kernels' keyword arguments
     tokenizer: Any | None
@@ -48,6 +52,7 @@ class ValuationModel:
     vision: Vision | None = None  # an image-text model's processor and image tokens
     skip: SkipStates | None = None  # the skip readout's states beside the final ones (engine/model/skip.py)
     derived: dict[Any, ValuationModel] = field(default_factory=dict, repr=False, compare=False)
+    vllm: VllmBackbone | None = None  # engine/model/vllm_backbone.py
 
     @property
     def device(self) -> torch.device:
@@ -105,10 +110,15 @@ class ValuationModel:
 def load_model(model: str | os.PathLike | torch.nn.Module = "smollm2-135m", *,
                tokenizer: Any | None = None, device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None, adapter: str | None = None,
-               processor: Any | None = None, image_limits: ImageLimits | None = None) -> ValuationModel:
+               processor: Any | None = None, image_limits: ImageLimits | None = None,
+               backbone: str = "hf", vllm_options: VllmOptions | None = None) -> ValuationModel:
     """Load the embedded default, a local Hugging Face causal LM or image-text model (path
     or cached id), or wrap a model object already built. Float32 on CPU and bfloat16 on CUDA
     by default.
+
+    ``backbone="vllm"``: a vLLM engine computes the hidden states (``vllm_options``, engine/
+    model/vllm_backbone.py); the head and the probe checks come from a Hugging Face load of the
+    same folder on the host, dropped once checked. Text models only, no adapter.
 
     ``adapter``: a local PEFT (LoRA) adapter folder; it is merged into the weights, so values
     are those of the adapted model. ``processor``: an image-text model's processor (a folder
@@ -116,6 +126,10 @@ def load_model(model: str | os.PathLike | torch.nn.Module = "smollm2-135m", *,
     sample may hold (engine/inputs/images.py, ImageLimits)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _resolve_dtype(dtype, device)
+    if backbone not in BACKBONES:
+        raise ModelError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+    if backbone == "vllm":
+        return _load_with_vllm(model, tokenizer, device, dtype, adapter, processor, vllm_options)
     if isinstance(model, torch.nn.Module):
         name, hf_model = type(model).__name__, model.to(device=device, dtype=dtype)
     else:
@@ -132,6 +146,31 @@ def load_model(model: str | os.PathLike | torch.nn.Module = "smollm2-135m", *,
     if vision is not None and tokenizer is None:
         tokenizer = processor.tokenizer
     return _wrap(hf_model, tokenizer, name, vision)
+
+
+def _load_with_vllm(model: Any, tokenizer: Any | None, device: torch.device, dtype: torch.dtype,
+                    adapter: str | None, processor: Any | None,
+                    options: VllmOptions | None) -> ValuationModel:
+    from .vllm_backbone import VllmOptions, VllmUnavailable, attach_vllm, import_vllm
+
+    if isinstance(model, torch.nn.Module):
+        raise ModelError("the vLLM backbone loads a model folder (or an embedded name), not a module object")
+    if adapter is not None:
+        raise ModelError("--adapter is not supported with the vLLM backbone (vLLM's LoRA does not reach its "
+                         "pooling runner's states here): merge the adapter into a model folder first")
+    if processor is not None:
+        raise ModelError("the vLLM backbone values text models only")
+    try:
+        import_vllm()
+    except VllmUnavailable as error:
+        raise ModelError(str(error)) from None
+    name = str(model)
+    path = embedded_path(name) if name in EMBEDDED_MODELS else name
+    hf_model, loaded_tokenizer, loaded_processor = _load_pretrained(path, dtype)
+    if loaded_processor is not None:
+        raise ModelError(f"{name}: an image-text model; the vLLM backbone values text models only")
+    checked = _wrap(hf_model, tokenizer if tokenizer is not None else loaded_tokenizer, name, None)
+    return attach_vllm(checked, path, device, options or VllmOptions())
 
 
 def _merge_adapter(hf_model: torch.nn.Module, adapter: str) -> torch.nn.Module:

@@ -34,13 +34,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SkipStates:
-    """Where the skip readout reads: decoder layer ``layer`` (1-based) of ``num_layers``."""
+    """Where the skip readout reads: decoder layer ``layer`` (1-based) of ``num_layers``; the
+    block and norm of the native backbone (None with the vLLM backbone, whose worker reads them:
+    engine/model/vllm_backbone.py)."""
 
     depth: float
     layer: int
     num_layers: int
-    block: torch.nn.Module
-    norm: torch.nn.Module
+    block: torch.nn.Module | None = None
+    norm: torch.nn.Module | None = None
 
     @contextmanager
     def capture(self) -> Iterator[Callable[[], torch.Tensor]]:
@@ -90,7 +92,11 @@ def with_skip_readout(model: ValuationModel, depth: float | None) -> ValuationMo
         return model
     derived = model.derived.get(("skip", depth))
     if derived is None:
-        skip = find_skip_states(model.backbone, depth)
+        if model.vllm is None:
+            skip = find_skip_states(model.backbone, depth)
+        else:
+            num_layers = model.vllm.num_layers
+            skip = SkipStates(depth, skip_layer(depth, num_layers), num_layers)
         head = torch.cat([model.head_weight, torch.zeros_like(model.head_weight)], dim=1)
         identity = {**model.identity, "hidden_size": str(head.shape[1]), "skip_depth": str(depth),
                     "skip_layer": f"{skip.layer}/{skip.num_layers}"}
