@@ -10,6 +10,7 @@ in its own environment (.ci/vllm); without vLLM only the refusals run here.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from conftest import CHATML, make_tokenizer
 
 from forvalue.engine import ModelError, Valuator, load_model
 
+from child_process import Child
 from tiny_models import tiny_model
 
 try:
@@ -143,24 +145,51 @@ def test_tiny_families_value_as_the_native_engine(kind, tmp_path):
         vllm_model.vllm.close()
 
 
-@needs_vllm
-def test_select_backbone_vllm_equals_native_select(tmp_path):
+def _cli_files(tmp_path: Path) -> tuple[Path, Path, Path]:
     folder = _save_tiny("untied", tmp_path / "model")
     vocab = len(make_tokenizer(CHATML))
     train, valid = tmp_path / "train.jsonl", tmp_path / "valid.jsonl"
-    train.write_text("".join(json.dumps(s) + "\n" for s in _id_samples(2, 10, vocab)))
+    samples = [{"id": f"t{i}", **sample} for i, sample in enumerate(_id_samples(2, 10, vocab))]
+    train.write_text("".join(json.dumps(sample) + "\n" for sample in samples))
     valid.write_text("".join(json.dumps(s) + "\n" for s in _id_samples(3, 4, vocab)[1:]))
-    values = {}
+    return folder, train, valid
+
+
+def _forvalue(*args: str, cwd: Path) -> None:
+    subprocess.run([sys.executable, "-m", "forvalue.bindings.cli", *args], check=True, cwd=cwd)
+
+
+def _values(path: Path) -> dict[str, float]:
+    return {r["id"]: r["value"] for r in map(json.loads, path.open())}
+
+
+def _assert_same_values(got: dict[str, float], want: dict[str, float]) -> None:
+    assert got.keys() == want.keys()
+    assert _close(torch.tensor([got[k] for k in want]), torch.tensor(list(want.values()))) <= 1e-4
+
+
+@needs_vllm
+def test_select_backbone_vllm_equals_native_select(tmp_path):
+    folder, train, valid = _cli_files(tmp_path)
     for backbone in ("hf", "vllm"):
-        out = tmp_path / f"{backbone}.jsonl"
-        subprocess.run([sys.executable, "-m", "forvalue.bindings.cli", "select", "--train", str(train),
-                        "--valid", str(valid), "--model", str(folder), "--ratio", "0.5", "--out", str(out),
-                        "--backbone", backbone], check=True, cwd=tmp_path)
-        records = map(json.loads, (tmp_path / f"{backbone}.values.jsonl").open())
-        values[backbone] = {r["id"]: r["value"] for r in records}
-    assert values["vllm"].keys() == values["hf"].keys()
-    got = torch.tensor([values["vllm"][k] for k in sorted(values["hf"])])
-    assert _close(got, torch.tensor([values["hf"][k] for k in sorted(values["hf"])])) <= 1e-4
+        _forvalue("select", "--train", str(train), "--valid", str(valid), "--model", str(folder), "--ratio",
+                  "0.5", "--out", str(tmp_path / f"{backbone}.jsonl"), "--backbone", backbone, cwd=tmp_path)
+    _assert_same_values(_values(tmp_path / "vllm.values.jsonl"), _values(tmp_path / "hf.values.jsonl"))
+
+
+@needs_vllm
+def test_serve_backbone_vllm_streams_the_native_values(tmp_path):
+    """The server loads the model in a worker thread and values on its engine thread."""
+    folder, train, valid = _cli_files(tmp_path)
+    _forvalue("score", "--train", str(train), "--valid", str(valid), "--model", str(folder),
+              "--out", str(tmp_path / "native.jsonl"), cwd=tmp_path)
+    with Child([sys.executable, "-m", "forvalue.bindings.cli", "serve", "--backbone", "vllm", "--model",
+                str(folder), "--reference", f"valid={valid}", "--port", "0"], cwd=tmp_path) as server:
+        server.wait_for(lambda: "serving on" in server.stderr(), "the server", timeout=300)
+        address = re.search(r"serving on (\S+)", server.stderr()).group(1)
+        _forvalue("stream", "--server", address, "--reference", "valid", "--input", str(train),
+                  "--out", str(tmp_path / "streamed.jsonl"), cwd=tmp_path)
+    _assert_same_values(_values(tmp_path / "streamed.jsonl"), _values(tmp_path / "native.jsonl"))
 
 
 @needs_vllm
