@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import CHATML, make_tokenizer
 
-from forvalue.engine import ModelError, Valuator, load_model
+from forvalue.engine import Index, ModelError, Valuator, load_model
 
 from child_process import Child
 from tiny_models import tiny_model
@@ -97,13 +97,18 @@ def _chats(n: int, offset: int = 0) -> list[dict]:
 
 
 @needs_vllm
-def test_the_embedded_model_values_as_the_native_engine():
+def test_the_embedded_model_values_as_the_native_engine(tmp_path):
     vllm_model = load_model("smollm2-135m", backbone="vllm")
     try:
         native = load_model("smollm2-135m")
-        long = list(range(200, 1400))  # longer than batch_tokens: native chunks it, vLLM runs it whole
+        long = list(range(200, 900))  # longer than batch_tokens: native chunks it, vLLM runs it whole
         train = [*_chats(6), {"input_ids": long, "labels": long}]
         _values_match(vllm_model, native, train, _chats(3, offset=20), batch_tokens=512)
+        indexed = {}
+        for name, model in (("vllm", vllm_model), ("hf", native)):
+            index = Index.build(train, tmp_path / name, model=model, storage="float32", progress=False)
+            indexed[name] = torch.as_tensor(index.values(_chats(3, offset=20)).values)
+        assert _close(indexed["vllm"], indexed["hf"]) <= 1e-4
         with pytest.raises(Exception, match="attention=buckets does not apply"):
             Valuator(vllm_model, attention="buckets").self_value(train[:1])
     finally:
