@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import CHATML, make_tokenizer
 
-from forvalue.engine import Index, ModelError, Valuator, load_model
+from forvalue.engine import Index, ModelError, Valuator, VllmOptions, load_model
 
 from child_process import Child
 from tiny_models import tiny_model
@@ -145,6 +145,23 @@ def test_tiny_families_value_as_the_native_engine(kind, tmp_path):
         assert vllm_model.transform == native.transform
         vocab = len(native.tokenizer)  # smaller than the model's: ids the tokenizer accepts
         _values_match(vllm_model, native, _id_samples(0, 8, vocab), _id_samples(1, 3, vocab)[1:],
+                      batch_tokens=128)
+    finally:
+        vllm_model.vllm.close()
+
+
+@needs_vllm
+def test_without_a_host_load_the_checkpoints_head_values_as_the_native_engine(tmp_path):
+    """check="logprobs": the head and softcap read from the checkpoint (Gemma 2, tied), checked
+    against vLLM's own log-probabilities; no transformers model is built."""
+    folder = _save_tiny("softcap", tmp_path / "softcap")
+    vllm_model = load_model(str(folder), backbone="vllm", vllm_options=VllmOptions(check="logprobs"))
+    try:
+        native = load_model(str(folder))
+        assert vllm_model.transform == native.transform
+        assert vllm_model.identity["model_hash"].startswith("checkpoint:")
+        vocab = len(native.tokenizer)
+        _values_match(vllm_model, native, _id_samples(4, 6, vocab), _id_samples(5, 3, vocab),
                       batch_tokens=128)
     finally:
         vllm_model.vllm.close()

@@ -38,6 +38,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                             "need the rest)")
     group.add_argument("--vllm-compile", action="store_true",
                        help="--backbone vllm: compiled graphs instead of eager (no skip readout then)")
+    group.add_argument("--vllm-check", choices=("host", "logprobs"), default="host",
+                       help="--backbone vllm: check the model against a transformers load on the host "
+                            "(host, the default) or, for a model too large for one, the checkpoint's "
+                            "head against vLLM's log-probabilities (logprobs)")
 
 
 def model_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -46,12 +50,10 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.backbone != "hf":
         from forvalue.engine.model.vllm_backbone import VllmOptions
 
-        if args.tensor_parallel_size < 1 or not 0 < args.vllm_memory <= 1:
-            raise ValueError("--tensor-parallel-size must be >= 1 and --vllm-memory in (0, 1]")
         options["backbone"] = args.backbone
         options["vllm_options"] = VllmOptions(tensor_parallel_size=args.tensor_parallel_size,
                                               gpu_memory_utilization=args.vllm_memory,
-                                              eager=not args.vllm_compile)
+                                              eager=not args.vllm_compile, check=args.vllm_check)
     return options
 
 

@@ -151,7 +151,7 @@ def load_model(model: str | os.PathLike | torch.nn.Module = "smollm2-135m", *,
 def _load_with_vllm(model: Any, tokenizer: Any | None, device: torch.device, dtype: torch.dtype,
                     adapter: str | None, processor: Any | None,
                     options: VllmOptions | None) -> ValuationModel:
-    from .vllm_backbone import VllmOptions, VllmUnavailable, attach_vllm, import_vllm
+    from .vllm_backbone import VllmOptions, VllmUnavailable, attach_vllm, import_vllm, load_checkpoint_model
 
     if isinstance(model, torch.nn.Module):
         raise ModelError("the vLLM backbone loads a model folder (or an embedded name), not a module object")
@@ -164,13 +164,15 @@ def _load_with_vllm(model: Any, tokenizer: Any | None, device: torch.device, dty
         import_vllm()
     except VllmUnavailable as error:
         raise ModelError(str(error)) from None
-    name = str(model)
+    name, options = str(model), options or VllmOptions()
     path = embedded_path(name) if name in EMBEDDED_MODELS else name
+    if options.check == "logprobs":
+        return load_checkpoint_model(name, path, tokenizer, device, dtype, options)
     hf_model, loaded_tokenizer, loaded_processor = _load_pretrained(path, dtype)
     if loaded_processor is not None:
         raise ModelError(f"{name}: an image-text model; the vLLM backbone values text models only")
     checked = _wrap(hf_model, tokenizer if tokenizer is not None else loaded_tokenizer, name, None)
-    return attach_vllm(checked, path, device, options or VllmOptions())
+    return attach_vllm(checked, path, device, options)
 
 
 def _merge_adapter(hf_model: torch.nn.Module, adapter: str) -> torch.nn.Module:
@@ -262,16 +264,20 @@ def _wrap(hf_model: torch.nn.Module, tokenizer: Any | None, name: str,
     if head is None or backbone is None or backbone is hf_model:
         raise ModelError(f"{name}: not a causal LM with a separate backbone and output projection")
     hf_model.eval().requires_grad_(False)
-    scale = _logit_scale(config)
-    softcap = getattr(config, "final_logit_softcapping", None)
     bias = None if getattr(head, "bias", None) is None else head.bias.detach()
     model = ValuationModel(
         name=name, backbone=backbone, head_weight=head.weight.detach(),
-        transform=LogitTransform(bias, scale, float(softcap) if softcap else None), tokenizer=tokenizer,
+        transform=logit_transform(config, bias), tokenizer=tokenizer,
         context_length=getattr(config, "max_position_embeddings", None), causal_lm=hf_model, vision=vision)
     _check_probe(hf_model, model)
-    model.identity = _identity(hf_model, model)
+    model.identity = model_identity(model, _model_fingerprint(hf_model))
     return model
+
+
+def logit_transform(config: Any, bias: torch.Tensor | None) -> LogitTransform:
+    """The head's bias, then the family's logit scale and final softcap (from its text config)."""
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return LogitTransform(bias, _logit_scale(config), float(softcap) if softcap else None)
 
 
 def _logit_scale(config: Any) -> float | None:
@@ -318,14 +324,14 @@ def _probe_inputs(model: ValuationModel) -> tuple[torch.Tensor, ImageInputs | No
     return torch.tensor([ids], device=model.device), images
 
 
-def _identity(hf_model: torch.nn.Module, model: ValuationModel) -> dict[str, str]:
+def model_identity(model: ValuationModel, model_hash: str) -> dict[str, str]:
     """What a saved Reference must match: model fingerprint, sizes, transform, tokenizer (and
     an image-text model's processor)."""
     vision = {} if model.vision is None else {"processor_hash": model.vision.fingerprint()}
     return {
         **vision,
         "model_name": model.name,
-        "model_hash": _model_fingerprint(hf_model),
+        "model_hash": model_hash,
         "vocab_size": str(model.vocab_size),
         "hidden_size": str(model.hidden_size),
         "logit_transform": json.dumps({"bias": model.transform.bias is not None,

@@ -53,6 +53,16 @@ class VllmOptions:
     eager: bool = True
     # None: the model's context length.
     max_model_len: int | None = None
+    # "host": check the model with a transformers load on the host (the usual probe, and vLLM's
+    # states against that model's). "logprobs": no host load, for a model too large for one:
+    # the head is read from the checkpoint and checked against vLLM's own log-probabilities.
+    check: str = "host"
+
+    def __post_init__(self) -> None:
+        if self.check not in ("host", "logprobs"):
+            raise ValueError(f"the vLLM check must be host or logprobs, got {self.check!r}")
+        if self.tensor_parallel_size < 1 or not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("the tensor-parallel size must be >= 1 and vLLM's memory share in (0, 1]")
 
 
 def import_vllm() -> Any:
@@ -78,16 +88,12 @@ class VllmBackbone:
         self.options = options
         self._lock = threading.Lock()  # one encode at a time; the skip hooks are shared state
         self._skip_layer: int | None = None
-        max_len = options.max_model_len
-        context = max_len or _context_length(path)
-        self.llm = vllm.LLM(
-            model=path, runner="pooling", dtype=str(dtype).removeprefix("torch."), seed=0,
-            enable_prefix_caching=False, enable_chunked_prefill=False,
-            max_num_batched_tokens=context, max_model_len=max_len,
-            tensor_parallel_size=options.tensor_parallel_size,
-            gpu_memory_utilization=options.gpu_memory_utilization,
-            enforce_eager=options.eager, **({"compilation_config": {"mode": 0}} if options.eager else {}),
-            pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL", use_activation=False))
+        context = options.max_model_len or _context_length(path)
+        self.llm = _engine(vllm, path, dtype, options, options.eager, runner="pooling",
+                           enable_chunked_prefill=False, max_num_batched_tokens=context,
+                           max_model_len=options.max_model_len,
+                           pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL",
+                                                      use_activation=False))
         self.num_layers, self.hidden_size = self.llm.apply_model(_Shape())[0]
 
     def states(self, samples: Sequence[Sequence[int]], skip_layer: int | None = None) -> list[torch.Tensor]:
@@ -116,7 +122,20 @@ class VllmBackbone:
         self._skip_layer = layer
 
     def close(self) -> None:
-        self.llm.llm_engine.engine_core.shutdown()
+        _close(self.llm)
+
+
+def _engine(vllm: Any, path: str, dtype: torch.dtype, options: VllmOptions, eager: bool,
+            **specific: Any) -> Any:
+    """A vLLM engine on ``path`` with the settings every engine here shares."""
+    return vllm.LLM(model=path, dtype=str(dtype).removeprefix("torch."), seed=0, enable_prefix_caching=False,
+                    tensor_parallel_size=options.tensor_parallel_size,
+                    gpu_memory_utilization=options.gpu_memory_utilization, enforce_eager=eager,
+                    **({"compilation_config": {"mode": 0}} if eager else {}), **specific)
+
+
+def _close(llm: Any) -> None:
+    llm.llm_engine.engine_core.shutdown()
 
 
 def attach_vllm(model: ValuationModel, path: str, device: torch.device,
@@ -143,6 +162,80 @@ def attach_vllm(model: ValuationModel, path: str, device: torch.device,
     transform = dataclasses.replace(model.transform, bias=None if bias is None else bias.to(device))
     return dataclasses.replace(model, backbone=None, causal_lm=None, vllm=engine, transform=transform,
                                head_weight=model.head_weight.to(device), derived={})
+
+
+def load_checkpoint_model(name: str, path: str, tokenizer: Any | None, device: torch.device,
+                          dtype: torch.dtype, options: VllmOptions) -> ValuationModel:
+    """A model valued through vLLM without a host load: the head and logit transform read from
+    the checkpoint (engine/model/checkpoint.py), checked against vLLM's own log-probabilities of
+    a probe's tokens. The generating engine that gives them is closed before the pooling engine
+    starts, so the two never hold the GPU at once."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .checkpoint import fingerprint, head_names, read_tensors
+    from .loading import ModelError, ValuationModel, logit_transform, model_identity
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if getattr(config, "vision_config", None) is not None:
+        raise ModelError(f"{name}: an image-text model; the vLLM backbone values text models only")
+    weight_name, bias_name = head_names(config)
+    try:
+        tensors = read_tensors(path, [n for n in (weight_name, bias_name) if n is not None])
+    except (KeyError, FileNotFoundError) as error:
+        raise ModelError(f"{name}: cannot read the head from the checkpoint: {error}") from None
+    bias = None if bias_name is None else tensors[bias_name].to(device, dtype)
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError):
+            tokenizer = None  # pre-tokenised samples still work
+    text = config.get_text_config()
+    model = ValuationModel(name=name, backbone=None, head_weight=tensors[weight_name].to(device, dtype),
+                           transform=logit_transform(text, bias), tokenizer=tokenizer,
+                           context_length=getattr(text, "max_position_embeddings", None))
+    probe = torch.randint(0, model.vocab_size, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    expected = _prompt_logprobs(path, dtype, options, probe)
+    engine = VllmBackbone(path, dtype, options)
+    try:
+        check_logprobs(model, probe, engine.states([probe])[0], expected)
+    except ModelError:
+        engine.close()
+        raise
+    model.identity = model_identity(model, fingerprint(path, config))
+    model.vllm = engine
+    return model
+
+
+def check_logprobs(model: ValuationModel, ids: list[int], states: torch.Tensor,
+                   expected: torch.Tensor) -> None:
+    """Raise ModelError unless the head and transform of ``model`` on the ``states`` of ``ids``
+    give the log-probabilities ``expected`` of ``ids[1:]`` (to 1e-3 relative; 5e-2 in half
+    precision)."""
+    from .loading import ModelError
+
+    logprobs = torch.log_softmax(model.logits(states[:-1].to(model.device, model.dtype)).double(), dim=-1)
+    got = logprobs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].cpu()
+    error = float((got - expected).abs().max()) / max(1.0, float(expected.abs().max()))
+    if not error <= (1e-3 if model.dtype in (torch.float32, torch.float64) else 5e-2):
+        raise ModelError(f"{model.name}: the head and logit transform read from the checkpoint do not "
+                         f"give vLLM's log-probabilities (relative error {error:.2e}); this family is "
+                         "not supported")
+
+
+def _prompt_logprobs(path: str, dtype: torch.dtype, options: VllmOptions, ids: list[int]) -> torch.Tensor:
+    """vLLM's log-probability of each token of ``ids`` after the first (a generating engine)."""
+    vllm = import_vllm()
+    from vllm.inputs import TokensPrompt
+
+    _cpu_defaults()
+    llm = _engine(vllm, path, dtype, options, True, max_model_len=max(64, len(ids) + 1))
+    try:
+        output = llm.generate([TokensPrompt(prompt_token_ids=ids)],
+                              vllm.SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    finally:
+        _close(llm)
+    return torch.tensor([output.prompt_logprobs[k][ids[k]].logprob for k in range(1, len(ids))],
+                        dtype=torch.float64)
 
 
 def _cpu_defaults() -> None:
