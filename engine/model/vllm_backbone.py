@@ -241,9 +241,7 @@ def _prompt_logprobs(path: str, dtype: torch.dtype, options: VllmOptions, ids: l
 def _cpu_defaults() -> None:
     """vLLM's CPU settings where the user set none: all cores bound as a range (``all`` is not
     accepted), and a 1 GiB KV cache (prefill-only requests free their blocks at once)."""
-    import torch as _torch
-
-    if _torch.cuda.is_available():
+    if torch.cuda.is_available():
         return
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(1, os.cpu_count() or 1) - 1}")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
