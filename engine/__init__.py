@@ -30,7 +30,7 @@ else:
         "Reference": "valuation.reference", "ReferenceMismatch": "valuation.reference",
         "EncodedSample": "inputs.samples", "SampleError": "inputs.samples", "SampleList": "inputs.samples",
         "read_jsonl": "inputs.readers",
-        "Index": "index.index", "IndexValues": "index.index", "IndexMismatch": "index.store",
+        "Index": "index.index", "IndexValues": "index.results", "IndexMismatch": "index.store",
         "Valuator": "valuator",
     }
 

@@ -59,6 +59,7 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
                         help="value exactly only the M x budget samples of highest coarse estimate and "
                              "choose among them; 0: choose on the estimates alone, the fastest (their "
                              "cosine norms are the pool's); default: every stored sample exactly")
+    _where_argument(select)
     _model_and_options(select, INDEX_QUERY)
     query = commands.add_parser("query", help="each sample's most and least valuable stored samples")
     query.add_argument("index", type=Path)
@@ -68,6 +69,7 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
                        help="value every stored sample (by default a large pool is first shortlisted "
                             "by coarse vectors)")
     query.add_argument("--out", type=Path, required=True, help="JSONL: {id, most, least} per sample")
+    _where_argument(query)
     _model_and_options(query, INDEX_QUERY)
     delete = commands.add_parser("delete", help="forget samples by id (compact frees their bytes)")
     delete.add_argument("index", type=Path)
@@ -77,6 +79,13 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     merge = commands.add_parser("merge", help="join indexes built alike (the parts of --shard builds)")
     merge.add_argument("indexes", type=Path, nargs="+")
     merge.add_argument("--out", type=Path, required=True, help="the new index folder")
+
+
+def _where_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                        help="only the stored samples whose \"meta\" has KEY equal to VALUE (repeat: "
+                             "every key must match, a key given twice takes either value); each "
+                             "of them is valued exactly")
 
 
 def run_index(args: argparse.Namespace) -> int:
@@ -147,19 +156,21 @@ def _select(args: argparse.Namespace) -> int:
         raise ValueError(f"give one --out per --valid ({len(args.valid)} --valid, {len(args.out)} --out)")
     if args.shortlist is not None and not args.shortlist >= 0:
         raise ValueError(f"--shortlist must be >= 0 (a multiple of the budget), got {args.shortlist}")
+    from forvalue.engine.index.metadata import parse_where
     from forvalue.engine.inputs.readers import read_samples
 
+    where = parse_where(args.where)
     index = _open(args, with_model=True, command=INDEX_QUERY)
     # The pool is read (and checked unchanged) before the scan, not after it.
     sources = [index.source_samples(i) for i in range(len(index.manifest["sources"]))]
     columns = "mean" if args.strategy == "top" else "each"
     targets = [read_samples(v) for v in args.valid]
     if args.shortlist is None:
-        found = index.values_many(targets, columns=columns)
+        found = index.values_many(targets, columns=columns, where=where)
     else:  # one share for all targets: the widest a target's groups need (Index.select's rule)
         groups = 1 if columns == "mean" else min(len(t) for t in targets)
         found = index.values_many(targets, columns=columns,
-                                  shortlist=min(1.0, args.shortlist * args.ratio / groups))
+                                  shortlist=min(1.0, args.shortlist * args.ratio / groups), where=where)
     offsets = [sum(len(s) for s in sources[:i]) for i in range(len(sources))]
     pool = [sample for samples in sources for sample in samples]
     for valid, out, values in zip(args.valid, args.out, found, strict=True):
@@ -187,13 +198,16 @@ def _positions(values: Any, offsets: list[int]) -> list[int]:
 
 
 def _query(args: argparse.Namespace) -> int:
+    from forvalue.engine.index.metadata import parse_where
     from forvalue.engine.inputs.readers import read_samples
     from forvalue.engine.inputs.samples import sample_id_of
 
     if args.top < 1:
         raise ValueError(f"--top must be positive, got {args.top}")
+    where = parse_where(args.where)
     samples = read_samples(args.samples)
-    answers = _open(args, with_model=True, command=INDEX_QUERY).query(samples, top=args.top, exact=args.exact)
+    index = _open(args, with_model=True, command=INDEX_QUERY)
+    answers = index.query(samples, top=args.top, exact=args.exact, where=where)
     lines = [{"id": sample_id_of(samples[a["position"]], str(a["position"])),
               **{k: v for k, v in a.items() if k != "position"}} for a in answers]
     write_jsonl_atomic(args.out, lines)

@@ -34,7 +34,8 @@ def compact(index: Index) -> int:
         entry.update(file=None, samples=len(keep), tokens=sum(shard.sizes[p] for p in keep))
         if keep:
             entry["file"] = f"shard-{number:05d}-c{_generation(old)}.safetensors"
-            write_shard(folder / entry["file"], _kept_tensors(shard, keep), [shard.ids[p] for p in keep])
+            write_shard(folder / entry["file"], _kept_tensors(shard, keep), [shard.ids[p] for p in keep],
+                        [shard.meta[p] for p in keep])
             size -= (folder / entry["file"]).stat().st_size
         rewritten = set(shard.ids)
         manifest["deleted"] = [i for i in manifest["deleted"] if i not in rewritten]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import INDEX_BUILD, INDEX_QUERY, ValuationConfig
-from ..inputs.readers import read_samples
-from ..inputs.samples import SampleError, sample_fingerprint, sample_id_of
+from ..inputs.samples import SampleError, sample_id_of
 from ..model.loading import ValuationModel
 from ..valuation.precondition import Preconditioner, resolve_damping
 from ..valuation.ranking import choose
 from ..valuator import Valuator
 from . import coarse
 from .layout import SKETCH_ROWS, Sketch, Target, moments_of, target_of
-from .search import CoarseSearch, exact_rows, ranked_answers
+from .metadata import Where, check_where, describe_where, matches
+from .results import IndexValues, exact_rows, ranked_answers
+from .search import CoarseSearch
 from .store import (
     SCAN_TOKENS,
     STORAGE,
@@ -46,27 +46,11 @@ from .store import (
     read_manifest,
     write_manifest,
 )
-from .writer import SHARD_SAMPLES, ShardWriter, default_id, moment_sum, samples_of
+from .writer import SHARD_SAMPLES, ShardWriter, default_id, moment_sum, read_source, samples_of
 
 # The options that decide what is stored (how samples are labelled and read); the others
 # (normalize, precondition, damping) are chosen per query.
 STORED_OPTIONS = ("loss_on", "skip_depth", "append_eos", "max_length")
-
-
-@dataclass
-class IndexValues:
-    """Values of the stored samples (in index order) against each group of a target."""
-
-    ids: list[str]
-    sources: np.ndarray  # each sample's source (training file) number
-    rows: np.ndarray  # and its row in that source
-    values: np.ndarray  # (samples, groups) float64
-    errors: list[SampleError] = field(default_factory=list)  # the target's bad samples
-    estimated: np.ndarray | None = None  # per sample: a coarse estimate, not valued exactly
-
-    def exact_rows(self) -> np.ndarray:
-        """The positions of the samples valued exactly (all, unless shortlisted)."""
-        return np.arange(len(self.ids)) if self.estimated is None else exact_rows(self.estimated)
 
 
 class Index:
@@ -174,15 +158,7 @@ class Index:
 
     def source_samples(self, source: int) -> Sequence[dict]:
         """The samples of a source (a training file) read again, checked to be what was stored."""
-        entry = self.manifest["sources"][source]
-        if entry["path"] == "samples":
-            raise ValueError("these samples were given in Python, not read from a file: keep them to "
-                             "look up the selected ids")
-        samples = read_samples(entry["path"])
-        if sample_fingerprint(samples) != entry["fingerprint"]:
-            raise IndexMismatch(f"{entry['path']} changed since it was indexed: its stored values no "
-                                f"longer describe it (rebuild the index, or restore the file)")
-        return samples
+        return read_source(self.manifest["sources"][source])
 
     def info(self) -> dict[str, Any]:
         """What the index holds, how it was built and its size on disk."""
@@ -191,28 +167,30 @@ class Index:
                 **describe(self.folder, self.manifest, [self._shard(e).sizes for e in entries]),
                 "coarse_bytes": coarse.disk_bytes(self.folder)}
 
-    def values(self, valid: Sequence[dict], *, columns: str = "mean",
-               shortlist: float | None = None) -> IndexValues:
+    def values(self, valid: Sequence[dict], *, columns: str = "mean", shortlist: float | None = None,
+               where: Where | None = None) -> IndexValues:
         """Every stored sample's value against the validation set ``valid``: one column, the
         value against their mean (``columns="mean"``, select's), or one per sample ("each").
         ``shortlist``: the share of the pool valued exactly per column (those of highest coarse
-        estimate; engine/index/search.py), the rest estimated; by default all valued exactly."""
-        return self.values_many([valid], columns=columns, shortlist=shortlist)[0]
+        estimate; engine/index/search.py), the rest estimated; by default all valued exactly.
+        ``where``: only the stored samples whose metadata it accepts (engine/index/metadata.py)."""
+        return self.values_many([valid], columns=columns, shortlist=shortlist, where=where)[0]
 
     def values_many(self, targets: Sequence[Sequence[dict]], *, columns: str = "mean",
-                    shortlist: float | None = None) -> list[IndexValues]:
+                    shortlist: float | None = None, where: Where | None = None) -> list[IndexValues]:
         """``values`` for several validation sets in one scan of the index."""
         if columns not in ("mean", "each"):
             raise ValueError(f"columns must be 'mean' or 'each', got {columns!r}")
         if shortlist is not None and not 0 <= shortlist <= 1:
             raise ValueError(f"shortlist must be a share of the pool in [0, 1], got {shortlist}")
+        where = self._filter(where, shortlisted=shortlist is not None)
         built = [self.prepare_target(valid, columns, from_pool=False) for valid in targets]
         if shortlist is not None:
             ids, sources, rows = self._listing()
             found = [(self._search.values(target, shortlist), errors) for target, errors in built]
             return [IndexValues(ids, sources, rows, values, errors, estimated)
                     for (values, estimated), errors in found]
-        (ids, sources, rows), values = self._listing(), self.scan([target for target, _ in built])
+        (ids, sources, rows), values = self._listing(where), self.scan([t for t, _ in built], where)
         out, start = [], 0
         for target, errors in built:
             out.append(IndexValues(ids, sources, rows, values[:, start:start + target.groups], errors))
@@ -220,19 +198,21 @@ class Index:
         return out
 
     def select(self, valid: Sequence[dict], ratio: float, *, strategy: str = "top",
-               shortlist: float | None = None) -> list[str]:
+               shortlist: float | None = None, where: Where | None = None) -> list[str]:
         """The ids of the ``ceil(ratio n)`` stored samples of highest value (``top``) or taken
         in turn by the validation samples (``round-robin``), in index order. ``shortlist=m``:
         choose among the ``m x`` that many samples the coarse vectors rank highest, valued
-        exactly (``m = 0``: choose on the coarse estimates; engine/index/search.py)."""
+        exactly (``m = 0``: choose on the coarse estimates; engine/index/search.py).
+        ``where``: choose among the samples whose metadata it accepts (``n`` of them)."""
         if not 0 < ratio <= 1:
             raise ValueError(f"ratio must lie in (0, 1], got {ratio}")
         if shortlist is not None and not shortlist >= 0:
             raise ValueError(f"shortlist must be >= 0 (a multiple of the budget), got {shortlist}")
         columns = "mean" if strategy == "top" else "each"
         if shortlist is None:
-            found = self.values(valid, columns=columns)
+            found = self.values(valid, columns=columns, where=where)
             return [found.ids[i] for i in sorted(choose(found.values, ratio, strategy))]
+        self._filter(where, shortlisted=True)
         groups = 1 if strategy == "top" else len(valid)  # round-robin: each takes ratio / groups
         target, _ = self.prepare_target(valid, columns, from_pool=False)
         values, estimated = self._search.values(target, min(1.0, shortlist * ratio / groups))
@@ -240,14 +220,17 @@ class Index:
         chosen = choose(values[rows], ratio, strategy, keep=math.ceil(ratio * len(values)))
         return self._search.ids(rows[sorted(chosen)])
 
-    def query(self, samples: Sequence[dict], *, top: int = 10, exact: bool = False) -> list[dict[str, Any]]:
+    def query(self, samples: Sequence[dict], *, top: int = 10, exact: bool = False,
+              where: Where | None = None) -> list[dict[str, Any]]:
         """Per sample: the ``top`` stored samples of highest and of lowest value for it, with
         their values; ``P`` from the pool (one sample has no covariance of its own). Unless
-        ``exact``, a pool larger than the candidates is first narrowed by coarse vectors
+        ``exact`` or ``where`` (among the samples whose metadata it accepts: every one of them
+        valued), a pool larger than the candidates is first narrowed by coarse vectors
         (engine/index/search.py) and only the candidates are valued from the stored tokens."""
+        where = self._filter(where, shortlisted=False)
         target, errors = self.prepare_target(samples, "each", from_pool=True)
-        if exact or self.samples <= 2 * max(coarse.CANDIDATES, 4 * top):
-            ids, values = self._listing()[0], self.scan([target])
+        if exact or where or self.samples <= 2 * max(coarse.CANDIDATES, 4 * top):
+            ids, values = self._listing(where)[0], self.scan([target], where)
         else:
             ids, values = self._search.query(target, top)
         return ranked_answers(ids, values, len(samples), errors, top)
@@ -307,13 +290,27 @@ class Index:
         """The shard of manifest entry ``number``, opened once."""
         return self._shard(self.manifest["shards"][number])
 
-    def live_shards(self) -> Iterator[tuple[int, Shard, list[int]]]:
-        """(entry number, shard, the positions of its samples not deleted), in index order."""
+    def live_shards(self, where: Where | None = None) -> Iterator[tuple[int, Shard, list[int]]]:
+        """(entry number, shard, the positions of its samples not deleted and accepted by
+        ``where``, checked), in index order."""
         deleted = set(self.manifest["deleted"])
         for number, entry in enumerate(self.manifest["shards"]):
             if entry["file"]:
                 shard = self._shard(entry)
-                yield number, shard, [p for p, i in enumerate(shard.ids) if i not in deleted]
+                yield number, shard, [p for p, i in enumerate(shard.ids) if i not in deleted
+                                      and (where is None or matches(shard.meta[p], where))]
+
+    def _filter(self, where: Where | None, *, shortlisted: bool) -> Where | None:
+        """``where`` checked: it must accept a stored sample, and the coarse routes do not filter."""
+        where = check_where(where)
+        if where is None:
+            return None
+        if shortlisted:
+            raise ValueError("a metadata filter (where) values every accepted sample exactly: "
+                             "drop the shortlist")
+        if not any(live for _, _, live in self.live_shards(where)):
+            raise ValueError(f"no stored sample has the metadata asked for ({describe_where(where)})")
+        return where
 
     @functools.cached_property
     def _sketch(self) -> torch.Tensor:
@@ -372,28 +369,30 @@ class Index:
             raise ValueError(f"{self.folder} holds no sample")
         return total, tokens
 
-    def _listing(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+    def _listing(self, where: Where | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Ids, sources and rows of every live stored sample, in index order (a scan's)."""
         ids, sources, rows = [], [], []
-        for number, shard, live in self.live_shards():
+        for number, shard, live in self.live_shards(where):
             ids.extend(shard.ids[p] for p in live)
             rows.extend(shard.rows[p] for p in live)
             sources.extend([self.manifest["shards"][number]["source"]] * len(live))
         return ids, np.asarray(sources, dtype=np.int64), np.asarray(rows, dtype=np.int64)
 
-    def scan(self, targets: list[Target]) -> np.ndarray:
+    def scan(self, targets: list[Target], where: Where | None = None) -> np.ndarray:
         """Values of every live stored sample (in ``_listing``'s order) against every group of
         ``targets``, one chunk of one shard in memory at a time."""
         parts = [torch.cat([t.values(chunk.hidden, chunk.errors, chunk.gram, chunk.sizes) for t in targets],
-                           dim=1)[live].numpy() for chunk, live in self._live_chunks()]
+                           dim=1)[live].numpy() for chunk, live in self._live_chunks(where)]
         return np.concatenate(parts) if parts else np.zeros((0, sum(t.groups for t in targets)))
 
-    def _live_chunks(self) -> Iterator[tuple[ShardChunk, list[int]]]:
-        """(chunk, the chunk's rows not deleted) over every stored sample."""
+    def _live_chunks(self, where: Where | None = None) -> Iterator[tuple[ShardChunk, list[int]]]:
+        """(chunk, the chunk's rows not deleted and accepted) over every stored sample."""
         count = len(self._entries())
-        shards = tqdm(self.live_shards(), total=count, desc="scan", unit="shard",
+        shards = tqdm(self.live_shards(where), total=count, desc="scan", unit="shard",
                       disable=not self.progress or count < 2)
         for _, shard, live in shards:
+            if not live:
+                continue
             keep = set(live)
             for chunk in shard.chunks(SCAN_TOKENS, keep if len(keep) < len(shard.ids) else None):
                 yield chunk, [j for j, p in enumerate(chunk.positions) if p in keep]

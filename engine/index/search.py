@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,7 +27,6 @@ from . import coarse, lists
 from .layout import Target
 
 if TYPE_CHECKING:
-    from ..inputs.samples import SampleError
     from .index import Index
 
 
@@ -138,26 +137,6 @@ class CoarseSearch:
         return target.values(*stored, [n for c in chunks for n in c.sizes], norms).numpy()
 
 
-def ranked_answers(ids: list[str], values: np.ndarray, samples: int, errors: list[SampleError],
-                   top: int) -> list[dict[str, Any]]:
-    """A query's answer per sample (in order): its ``top`` most and least valuable of the
-    valued stored samples (``values``: one column per sample without an error), or its error."""
-    failed = {e.index for e in errors}
-    usable = [i for i in range(samples) if i not in failed]
-    answers = []
-    for column, position in enumerate(usable):
-        order = np.argsort(-values[:, column], kind="stable")
-        ranked = [{"id": ids[i], "value": float(values[i, column])} for i in order]
-        answers.append({"position": position, "most": ranked[:top], "least": ranked[::-1][:top]})
-    answers.extend({"position": error.index, "error": str(error)} for error in errors)
-    return sorted(answers, key=lambda answer: answer["position"])
-
-
 def _same(pool: Preconditioner | None, frozen: Preconditioner | None) -> bool:
     """Whether the pool's ``P`` now is the frozen one (no change to the pool since)."""
     return pool is None or (pool.tokens == frozen.tokens and torch.equal(pool.moment_sum, frozen.moment_sum))
-
-
-def exact_rows(estimated: np.ndarray) -> np.ndarray:
-    """The positions valued exactly (where none is, all: the estimates are what there is)."""
-    return np.arange(len(estimated)) if estimated.all() else np.flatnonzero(~estimated)

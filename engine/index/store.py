@@ -4,7 +4,8 @@
                               deleted ids; replaced atomically after every shard
     IDX/shard-00000.safetensors  one shard: ``hidden`` (tokens x D), ``errors`` (tokens x k),
                               ``gram`` (sum T^2), ``sizes`` and ``rows`` (per sample), the shard's
-                              ``moment_sum`` (sum h h^T, float64), its ids in the metadata
+                              ``moment_sum`` (sum h h^T, float64), its ids and the samples'
+                              ``"meta"`` objects in the header (engine/index/metadata.py)
     IDX/coarse/               what the fast routes read, rebuilt when missing (engine/index/coarse.py)
 
 Safetensors because a shard is a few dense arrays read in token ranges: ``safe_open`` checks
@@ -22,7 +23,7 @@ import hashlib
 import itertools
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from safetensors.torch import save_file
 
 from ..atomic import replace_atomically, write_atomically
 from ..version import __version__
+from .metadata import decode_metadata, encode_metadata
 
 if TYPE_CHECKING:
     from ..model.loading import ValuationModel
@@ -81,8 +83,12 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     write_atomically(folder / MANIFEST, lambda file: json.dump(manifest, file, indent=1))
 
 
-def write_shard(path: Path, tensors: dict[str, torch.Tensor], ids: list[str]) -> None:
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], ids: list[str],
+                metas: Sequence[dict[str, Any]] = ()) -> None:
+    """``metas``: each sample's metadata (engine/index/metadata.py), kept beside the ids."""
     metadata = {"format": SHARD_FORMAT, "ids": json.dumps(ids)}
+    if (meta := encode_metadata(metas)) is not None:
+        metadata["meta"] = meta
     contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
     replace_atomically(path, lambda tmp: save_file(contiguous, tmp, metadata))
 
@@ -99,6 +105,7 @@ class Shard:
             if metadata.get("format") != SHARD_FORMAT or missing:
                 raise IndexMismatch(f"index shard {path} is not a shard of this version (missing {missing})")
             self.ids: list[str] = json.loads(metadata["ids"])
+            self.meta = decode_metadata(metadata.get("meta"), len(self.ids))
             self.sizes = self._file.get_tensor("sizes").tolist()
             self.rows = self._file.get_tensor("rows").tolist()
         except (OSError, SafetensorError, KeyError, ValueError) as error:

@@ -19,7 +19,8 @@ from ..inputs.readers import read_samples
 from ..inputs.samples import SampleError, sample_fingerprint, sample_id_of, subset_of
 from ..valuator import Valuator
 from .layout import Encoded, encode
-from .store import STORAGE, covered_rows, write_manifest, write_shard
+from .metadata import sample_metadata
+from .store import STORAGE, IndexMismatch, covered_rows, write_manifest, write_shard
 
 SHARD_SAMPLES = 2048  # rows per shard: about 100 MB at 50 KiB per sample, one shard in memory
 
@@ -64,7 +65,8 @@ class ShardWriter:
         if kept:
             entry["file"] = f"shard-{number:05d}.safetensors"
             ids = [sample_id_of(samples[rows[i]], default_id(source, rows[i])) for i in kept]
-            write_shard(self.folder / entry["file"], self._tensors(stored, kept, rows), ids)
+            metas = [sample_metadata(samples[rows[i]]) for i in kept]
+            write_shard(self.folder / entry["file"], self._tensors(stored, kept, rows), ids, metas)
         self.manifest["failed"].extend({"source": source, "row": rows[e.index], "id": e.sample_id,
                                         "error": str(e)} for e in failures)
         self.manifest["shards"].append(entry)
@@ -98,3 +100,15 @@ def samples_of(train: Sequence[dict] | str | Path) -> tuple[Sequence[dict], dict
         raise ValueError(f"no samples in {train if isinstance(train, (str, Path)) else 'the list given'}")
     path = str(train) if isinstance(train, (str, Path)) else "samples"
     return samples, {"path": path, "fingerprint": sample_fingerprint(samples), "rows": len(samples)}
+
+
+def read_source(entry: dict[str, Any]) -> Sequence[dict]:
+    """The samples of a source entry read again, checked to be what was stored."""
+    if entry["path"] == "samples":
+        raise ValueError("these samples were given in Python, not read from a file: keep them to "
+                         "look up the selected ids")
+    samples = read_samples(entry["path"])
+    if sample_fingerprint(samples) != entry["fingerprint"]:
+        raise IndexMismatch(f"{entry['path']} changed since it was indexed: its stored values no "
+                            f"longer describe it (rebuild the index, or restore the file)")
+    return samples
