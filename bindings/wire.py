@@ -14,7 +14,7 @@ import math
 import mimetypes
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -276,8 +276,10 @@ def result_of(message: pb.ScoreResult, name: str, index: int) -> Result:
                   message.compute_seconds)
 
 
-def query_request(wire_id: str, sample: Mapping[str, Any], top: int) -> pb.QueryRequest:
-    return pb.QueryRequest(id=wire_id, top=top, **_payload(sample))
+def query_request(wire_id: str, sample: Mapping[str, Any], top: int,
+                  where: Sequence[str] = ()) -> pb.QueryRequest:
+    """``where``: ``KEY=VALUE`` filters on the stored samples' metadata."""
+    return pb.QueryRequest(id=wire_id, top=top, where=list(where), **_payload(sample))
 
 
 def query_result_message(wire_id: str, answer: Mapping[str, Any], seconds: float) -> pb.QueryResult:

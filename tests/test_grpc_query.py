@@ -1,7 +1,8 @@
 """Query on a server started with an index (``forvalue serve --index IDX``): each streamed
 sample's answer equals ``Index.query``'s, in order, beside Score on the same model; a bad sample
 is answered with its error and the stream goes on; ``forvalue stream --query`` writes the
-answers and resumes; a server without an index refuses Query."""
+answers and resumes; a metadata filter gives what the index gives with it; a server without an
+index refuses Query."""
 
 import asyncio
 import json
@@ -18,7 +19,8 @@ from forvalue.engine import Index, ValuationConfig, load_model
 
 from tiny_models import random_samples, tiny_model
 
-TRAIN, VALID = random_samples(12, seed=96), random_samples(3, seed=97)
+TRAIN = [dict(s, meta={"half": i % 2}) for i, s in enumerate(random_samples(12, seed=96))]
+VALID = random_samples(3, seed=97)
 
 
 class Server:
@@ -73,6 +75,27 @@ def test_query_answers_what_the_index_answers_beside_score(served):
 
     (answer,) = asyncio.run(first_async())
     assert [i for i, _ in answer.most] == [n["id"] for n in expected[0]["most"][:2]]
+
+
+def test_query_filters_on_the_stored_metadata(served, tmp_path):
+    server, index = served
+    expected = index.query(VALID, top=2, where={"half": ["1"]})
+    odd = {s["id"] for s in TRAIN if s["meta"]["half"] == 1}
+    with Client(server.address) as client:
+        answers = list(client.query_stream(VALID, top=2, where=["half=1"]))
+        (malformed,) = client.query_stream(VALID[:1], where=["half"])
+    for answer, want in zip(answers, expected, strict=True):
+        found = [i for i, _ in answer.most]
+        assert found == [n["id"] for n in want["most"]] and set(found) <= odd
+    assert "KEY=VALUE" in malformed.error
+    out = tmp_path / "odd.jsonl"
+    samples = tmp_path / "answers.jsonl"
+    samples.write_text("".join(json.dumps(s) + "\n" for s in VALID))
+    assert main(["stream", "--server", server.address, "--query", "--top", "2", "--where", "half=1",
+                 "--input", str(samples), "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    wanted = [[n["id"] for n in answer["most"]] for answer in expected]
+    assert [[i for i, _ in line["most"]] for line in lines] == wanted
 
 
 def test_a_server_without_an_index_refuses_query():

@@ -11,12 +11,13 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from forvalue.engine.index.metadata import parse_where
 from forvalue.engine.inputs.readers import read_samples
 from forvalue.engine.inputs.samples import sample_id_of
 
@@ -35,7 +36,8 @@ SYNC_SECONDS = 0.5
 def stream_file(server: str, reference: str | None, input_path: str | os.PathLike, out: str | os.PathLike, *,
                 token: str | None = None, tls: bool = False, root_certificates: str | Path | None = None,
                 limit: int | None = None, priority: int = 0, retries: int = 3, overwrite: bool = False,
-                progress: bool = True, query_top: int | None = None) -> dict[str, Any]:
+                progress: bool = True, query_top: int | None = None,
+                query_where: Sequence[str] = ()) -> dict[str, Any]:
     """Value every sample of ``input_path`` on ``server`` (``host:port``, or replicas as
     ``a:port,b:port``: see replicas.py) against ``reference``, appending
     results to ``out`` (errors to ``OUT.errors.jsonl``). Samples already in either file are
@@ -44,14 +46,18 @@ def stream_file(server: str, reference: str | None, input_path: str | os.PathLik
     at most this many new samples in this run. A call refused as UNAVAILABLE or RESOURCE_EXHAUSTED is retried
     ``retries`` times with backoff, resuming the same way. ``query_top``: instead of values, each
     sample's ``query_top`` most and least valuable stored samples from the server's index
-    (Query; ``reference`` unused), the job identified by the index's fingerprint."""
+    (Query; ``reference`` unused), the job identified by the index's fingerprint;
+    ``query_where``: ``KEY=VALUE`` filters on the stored samples' metadata."""
     if limit is not None and limit < 0:
         raise ValueError(f"--limit must be >= 0, got {limit}")
+    if query_where and query_top is None:
+        raise ValueError("--where filters the stored samples of a query: give --query")
+    parse_where(query_where)  # a malformed filter is refused before anything is sent
     samples = read_samples(input_path)
     ids = _unique_ids(samples)
     files = JobFiles(Path(out))
     with Client(server.split(","), token, tls=tls, root_certificates=root_certificates) as client:
-        identity = _identity(client, input_path, reference, query_top)
+        identity = _identity(client, input_path, reference, query_top, query_where)
         claim_output(files.job, (files.out, files.errors), identity, overwrite=overwrite)
         with ResultLog(files.out, sync_seconds=SYNC_SECONDS) as log:
             done = log.done("id")
@@ -62,7 +68,8 @@ def stream_file(server: str, reference: str | None, input_path: str | os.PathLik
                     try:
                         payload = _payload(samples, ids, todo, Path(input_path).parent)
                         answers = (client.score_stream(payload, reference, priority=priority)
-                                   if query_top is None else client.query_stream(payload, top=query_top))
+                                   if query_top is None
+                                   else client.query_stream(payload, top=query_top, where=query_where))
                         _log_answers(answers, ids, todo, log, bar)
                         break
                     except ServerError as error:
@@ -78,7 +85,7 @@ def stream_file(server: str, reference: str | None, input_path: str | os.PathLik
 
 
 def _identity(client: Client, input_path: str | os.PathLike, reference: str | None,
-              query_top: int | None) -> Any:
+              query_top: int | None, query_where: Sequence[str]) -> Any:
     """The job's identity: the input and the server's reference, or its index for queries."""
     if query_top is None:
         if reference is None:
@@ -89,7 +96,8 @@ def _identity(client: Client, input_path: str | os.PathLike, reference: str | No
     index = client.stats()["index"]
     if not index:
         raise ValueError("the server has no index to query: start it with --index IDX")
-    return stream_identity(input_path, f"query top {query_top}", index)
+    where = f" where {' '.join(sorted(query_where))}" if query_where else ""
+    return stream_identity(input_path, f"query top {query_top}{where}", index)
 
 
 def _payload(samples: list[Any], ids: list[str], todo: list[int], image_root: Path) -> Iterator[Any]:
@@ -146,6 +154,9 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead of values: each sample's most and least valuable stored training "
                              "samples from the server's index (forvalue serve --index)")
     parser.add_argument("--top", type=int, default=10, help="with --query: stored samples per side")
+    parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --query: only the stored samples whose \"meta\" has KEY equal to "
+                             "VALUE (repeat: every key must match, a key given twice takes either value)")
     parser.add_argument("--input", required=True, type=Path,
                         help="samples: a JSONL file, a parquet file or a saved dataset folder")
     parser.add_argument("--out", required=True, type=Path,
@@ -170,7 +181,8 @@ def run_stream(args: argparse.Namespace) -> int:
         summary = stream_file(args.server, args.reference, args.input, args.out,
                               token=read_token(args.token_file), tls=args.tls, root_certificates=args.tls_ca,
                               limit=args.limit, priority=args.priority, retries=args.retries,
-                              overwrite=args.overwrite, query_top=args.top if args.query else None)
+                              overwrite=args.overwrite, query_top=args.top if args.query else None,
+                              query_where=args.where)
     except ServerError as error:
         print(f"forvalue: error: server {args.server}: {error}; rerun the same command to resume",
               file=sys.stderr)

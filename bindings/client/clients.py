@@ -98,13 +98,13 @@ class _Tracker:
 class _Queries:
     """Query requests (wire id = position) and their answers back (under the sample's id)."""
 
-    def __init__(self, top: int) -> None:
-        self.top = top
+    def __init__(self, top: int, where: Sequence[str]) -> None:
+        self.top, self.where = top, list(where)
         self.names: list[str] = []
 
     def request(self, sample: Mapping[str, Any]) -> pb.QueryRequest:
         self.names.append(sample_id(sample, len(self.names)))
-        return query_request(str(len(self.names) - 1), sample, self.top)
+        return query_request(str(len(self.names) - 1), sample, self.top, self.where)
 
     def answer(self, message: pb.QueryResult) -> QueryAnswer:
         index = int(message.id)
@@ -202,10 +202,11 @@ class Client(_Base):
         tracker.check()
 
     def query_stream(self, samples: Iterable[Mapping[str, Any]], *, top: int = 10,
-                     timeout: float | None = None) -> Iterator[QueryAnswer]:
+                     where: Sequence[str] = (), timeout: float | None = None) -> Iterator[QueryAnswer]:
         """For each sample, in order, the server index's stored samples of highest and lowest
-        value for it (``forvalue serve --index IDX``; the first replica's)."""
-        queries = _Queries(top)
+        value for it (``forvalue serve --index IDX``; the first replica's); ``where``:
+        ``KEY=VALUE`` items, only the stored samples whose metadata matches."""
+        queries = _Queries(top, where)
         call = self._stub.Query(map(queries.request, samples), metadata=self.metadata, timeout=timeout)
         try:
             for message in call:
@@ -304,8 +305,9 @@ class AsyncClient(_Base):
         tracker.check()
 
     async def query_stream(self, samples: Iterable[Mapping[str, Any]], *, top: int = 10,
+                           where: Sequence[str] = (),
                            timeout: float | None = None) -> AsyncIterator[QueryAnswer]:
-        queries = _Queries(top)
+        queries = _Queries(top, where)
         call = self._stub.Query(map(queries.request, samples), metadata=self.metadata, timeout=timeout)
         try:
             async for message in call:

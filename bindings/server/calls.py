@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from forvalue.engine.index.metadata import parse_where
 from forvalue.engine.serving.answers import ScoreHandle
 from forvalue.engine.serving.async_engine import AsyncEngine, EngineClosed, EngineOverloaded
 from forvalue.engine.valuation.reference import OWN_SAMPLES, Reference
@@ -248,7 +249,9 @@ async def answer_query(engine: AsyncEngine, index: Index, request: pb.QueryReque
     started = time.perf_counter()
     try:
         sample = sample_of(request)
-        answer = (await engine.on_forward_thread(index.query, [sample], top=request.top or 10))[0]
+        where = parse_where(request.where)
+        answer = (await engine.on_forward_thread(index.query, [sample], top=request.top or 10,
+                                                 where=where))[0]
     except (BadSample, ValueError) as error:  # a SampleError, or no usable label
         answer = {"error": str(error)}
     return query_result_message(request.id, answer, time.perf_counter() - started)
