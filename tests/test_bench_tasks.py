@@ -330,3 +330,21 @@ def test_answers_tasks_share_their_pool_and_corrupt_it_three_ways(size):
         else:
             assert answer != right and answer in rights.values()
     assert all(s["meta"]["clean_label"] == 1 for s in large_valid.valid)
+
+
+def test_answers_near_misaligns_within_the_questions_domain():
+    far, near = make_task("answers", "full", 1), make_task("answers-near", "full", 1)
+    assert near.valid == far.valid
+    domain_of = {answer_chat(d, i)[1]: d for d in range(len(DOMAINS)) for i in range(len(DOMAINS[d][2]))}
+    domain_of |= {answer_chat(d, i)[0]: d for d in range(len(DOMAINS)) for i in range(len(DOMAINS[d][2]))}
+    misaligned = 0
+    for a, b in zip(far.train, near.train, strict=True):
+        assert a["messages"][1] == b["messages"][1] and a["meta"] == b["meta"]
+        question, answer = (m["content"] for m in b["messages"][1:])
+        if b["meta"]["corruption"] == "misaligned":
+            misaligned += 1
+            assert domain_of[answer] == domain_of[question] != domain_of[a["messages"][2]["content"]]
+            assert answer != answer_chat(*next((d, i) for d in range(len(DOMAINS))
+                                               for i in range(len(DOMAINS[d][2]))
+                                               if answer_chat(d, i)[0] == question))[1]
+    assert misaligned == round(0.3 * len(near.train)) // 3

@@ -11,7 +11,11 @@ template with a system line. 30% of the training answers are corrupted, a third 
 
 ``answers`` has 16 clean validation chats and ``answers-64`` has 64; for a seed both share the
 same training pool (the validation draw is the only difference), so the two measure what the
-validation set's size changes. Items, templates and domains are none of the other tasks'.
+validation set's size changes. ``answers-near`` is ``answers`` (the same questions, corrupted
+positions and kinds, and the same 16 validation chats) but each misaligned answer is another
+item's of the *same* domain ("What colour is a lemon?" answered "Fresh grass is green, as
+anyone who has seen one knows."): the template fits the question, only its subject and fact
+do not. Items, templates and domains are none of the other tasks'.
 Each training sample keeps ``clean_label`` (1 = untouched) and ``corruption`` under ``"meta"``.
 """
 
@@ -48,7 +52,8 @@ SYSTEM = "You answer general knowledge questions in one full sentence."
 CORRUPTIONS = ("misaligned", "shuffled", "truncated")
 CORRUPT_SHARE = 0.3
 POOL = {"small": 60, "full": 150}  # training chats
-VALID = {"answers": 16, "answers-64": 64}  # validation chats per task
+VALID = {"answers": 16, "answers-64": 64, "answers-near": 16}  # validation chats per task
+NEAR = {"answers-near": "answers"}  # misaligned within the domain; the validation draw of the other
 
 
 def answer_chat(domain: int, item: int) -> tuple[str, str]:
@@ -84,10 +89,13 @@ def make_answers(name: str, size: str, seed: int) -> tuple[list[dict], list[dict
         question, answer = answer_chat(domain, item)
         kind = kinds.get(position)
         if kind is not None:
-            others = [c for c in cells if c[0] != domain]
+            if name in NEAR:  # another item of the same domain
+                others = [c for c in cells if c[0] == domain and c[1] != item]
+            else:  # another domain
+                others = [c for c in cells if c[0] != domain]
             answer = corrupted(kind, answer, answer_chat(*pool_rng.choice(others))[1], pool_rng)
         train.append(_sample(question, answer, kind))
-    valid_rng = random.Random(f"{name}/{size}/{seed}")
+    valid_rng = random.Random(f"{NEAR.get(name, name)}/{size}/{seed}")
     valid = [_sample(*answer_chat(*valid_rng.choice(cells)), None) for _ in range(VALID[name])]
     return train, valid
 

@@ -8,7 +8,7 @@ domain, the sport a term belongs to, with validation terms that no training samp
 ``selection``: question/answer pairs with about 40% of training answers corrupted by span
 deletion or filler insertion. ``answers`` and ``answers-64`` (bench/evals/answers_task.py):
 general-knowledge chats with 30% of the answers misaligned, shuffled or truncated, with 16 and
-64 validation chats on the same pool.
+64 validation chats on the same pool; ``answers-near`` misaligns within a question's domain.
 
 Every sample keeps its ground truth under ``"meta"`` (ignored by the engine): ``class``,
 ``given`` (the class answered) and ``flipped`` (both mislabeled tasks, train and valid), or
@@ -30,7 +30,7 @@ from .answers_task import make_answers
 from .sport_terms import SPORT_TEMPLATES, SPORT_TERMS, SPORTS
 
 TASKS = ("sentence", "math", "math-reason", "mislabeled", "mislabeled-sport", "selection", "answers",
-         "answers-64")
+         "answers-64", "answers-near")
 SIZES = ("small", "full")
 IDENTIFICATION = ("sentence", "math", "math-reason")
 
