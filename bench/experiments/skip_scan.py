@@ -50,12 +50,13 @@ def layer_sets(layers: list[int]) -> dict[str, list[int]]:
 
 
 @torch.no_grad()
-def token_states(model: Any, samples: Sequence[dict], layers: list[int]) -> list[dict[str, Any]]:
+def token_states(model: Any, samples: Sequence[dict], layers: list[int],
+                 loss_on: str = "response") -> list[dict[str, Any]]:
     """Per sample: the errors ``e_t`` (``n x V``) and the states of each layer (float64)."""
     weight = model.head_weight.float()
     out = []
     for sample in samples:
-        encoded = encode_sample(sample, model.tokenizer, where=str(sample.get("id")), loss_on="response")
+        encoded = encode_sample(sample, model.tokenizer, where=str(sample.get("id")), loss_on=loss_on)
         ids = torch.tensor([encoded.input_ids])
         positions = torch.tensor(encoded.label_positions()) - 1
         hidden = model.causal_lm(ids, output_hidden_states=True, use_cache=False).hidden_states
