@@ -101,3 +101,12 @@ def test_the_command_line_filters(setup, tmp_path, capsys):
     assert main(["index", "query", str(tmp_path / "idx"), "--samples", str(tmp_path / "valid.jsonl"),
                  "--where", "group", "--out", str(tmp_path / "q.jsonl"), *options]) == 2
     assert "--where takes KEY=VALUE" in capsys.readouterr().err
+
+
+def test_meta_too_large_for_a_shard_header_is_refused(monkeypatch):
+    from forvalue.engine.index import metadata
+
+    monkeypatch.setattr(metadata, "MAX_HEADER_TEXT", 100)
+    with pytest.raises(ValueError, match="store fewer samples per shard"):
+        metadata.encode_metadata([{"text": "x" * 200}])
+    assert metadata.encode_metadata([{}, {}]) is None

@@ -14,6 +14,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 Where = Mapping[str, Collection[str]]
+MAX_HEADER_TEXT = 64 << 20
 
 
 def sample_metadata(sample: Mapping[str, Any]) -> dict[str, Any]:
@@ -24,7 +25,13 @@ def sample_metadata(sample: Mapping[str, Any]) -> dict[str, Any]:
 
 def encode_metadata(metas: Sequence[dict[str, Any]]) -> str | None:
     """A shard's metadata as header text (None: no sample has any)."""
-    return json.dumps(list(metas), default=str) if any(metas) else None
+    if not any(metas):
+        return None
+    text = json.dumps(list(metas), default=str)
+    if len(text) > MAX_HEADER_TEXT:  # safetensors refuses headers over 100 MB
+        raise ValueError(f"the \"meta\" objects of one shard's samples take {len(text) >> 20} MiB: keep "
+                         f"in \"meta\" what you filter on, or store fewer samples per shard")
+    return text
 
 
 def decode_metadata(text: str | None, samples: int) -> list[dict[str, Any]]:
