@@ -175,6 +175,11 @@ def main(argv: list[str] | None = None) -> None:
         clean = positives(task)
         aucs = {key: roc_auc(value, clean) for key, value in values.items()}
         results["auc"][f"{name}/{seed}/{loss_on}"] = aucs
+        if "corruption" in task.train[0].get("meta", {}):  # the answers tasks: AUC per kind
+            kind = task.train_meta("corruption")
+            results.setdefault("auc_by_kind", {})[f"{name}/{seed}/{loss_on}"] = {
+                k: {key: roc_auc(value[(kind == k) | clean], clean[(kind == k) | clean])
+                    for key, value in values.items()} for k in set(kind) - {"none"}}
         best = sorted(aucs.items(), key=lambda kv: -kv[1])[:3]
         print(f"{name}/{seed}/{loss_on} {time.perf_counter() - start:.0f}s", best, flush=True)
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
