@@ -110,3 +110,20 @@ def test_meta_too_large_for_a_shard_header_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="store fewer samples per shard"):
         metadata.encode_metadata([{"text": "x" * 200}])
     assert metadata.encode_metadata([{}, {}]) is None
+
+
+def test_live_shards_take_a_filter_as_given_and_corrupt_metadata_is_named(setup, tmp_path):
+    from forvalue.engine.index.metadata import decode_metadata
+    from forvalue.engine.index.store import IndexMismatch, Shard
+
+    model, train, _ = setup
+    index = build(model, train, tmp_path / "index", shard_samples=5)
+    positions = [(number, p) for number, _, live in index.live_shards({"n": [1]}) for p in live]
+    assert [index.shard(number).ids[p] for number, p in positions] == [
+        s["id"] for s in train if s["meta"]["n"] == 1]
+    shard = Shard(index.shard(0).path, index.manifest["shards"][0])  # opened anew: nothing decoded yet
+    shard._meta_text = "{}"
+    with pytest.raises(IndexMismatch, match="corrupt metadata"):
+        _ = shard.meta  # decoded on first use
+    with pytest.raises(ValueError, match="lists 1 samples, not 2"):
+        decode_metadata('[{}]', 2)

@@ -292,7 +292,8 @@ class Index:
 
     def live_shards(self, where: Where | None = None) -> Iterator[tuple[int, Shard, list[int]]]:
         """(entry number, shard, the positions of its samples not deleted and accepted by
-        ``where``, checked), in index order."""
+        ``where``), in index order."""
+        where = check_where(where)  # values as text, as ``matches`` compares them
         deleted = set(self.manifest["deleted"])
         for number, entry in enumerate(self.manifest["shards"]):
             if entry["file"]:

@@ -35,8 +35,12 @@ def encode_metadata(metas: Sequence[dict[str, Any]]) -> str | None:
 
 
 def decode_metadata(text: str | None, samples: int) -> list[dict[str, Any]]:
+    """A shard's metadata from its header text (raises ValueError for anything but one object
+    per sample)."""
     metas = json.loads(text) if text else [{}] * samples
-    if not isinstance(metas, list) or len(metas) != samples:
+    if not isinstance(metas, list) or not all(isinstance(m, dict) for m in metas):
+        raise ValueError("its metadata is not a list of objects")
+    if len(metas) != samples:
         raise ValueError(f"its metadata lists {len(metas)} samples, not {samples}")
     return metas
 

@@ -19,6 +19,7 @@ only complete shards and a rerun builds the rest.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -105,7 +106,7 @@ class Shard:
             if metadata.get("format") != SHARD_FORMAT or missing:
                 raise IndexMismatch(f"index shard {path} is not a shard of this version (missing {missing})")
             self.ids: list[str] = json.loads(metadata["ids"])
-            self.meta = decode_metadata(metadata.get("meta"), len(self.ids))
+            self._meta_text = metadata.get("meta")
             self.sizes = self._file.get_tensor("sizes").tolist()
             self.rows = self._file.get_tensor("rows").tolist()
         except (OSError, SafetensorError, KeyError, ValueError) as error:
@@ -120,6 +121,16 @@ class Shard:
         self.token_starts = list(itertools.accumulate(self.sizes, initial=0))
         self.gram_starts = list(itertools.accumulate((n * n for n in self.sizes), initial=0))
         self._mapped = _mapped(path, ("hidden", "errors", "gram"))
+
+    @functools.cached_property
+    def meta(self) -> list[dict[str, Any]]:
+        """Each sample's ``"meta"`` object, decoded on first use (only a filter or a
+        compaction needs them; a scan of a large index does not hold them)."""
+        try:
+            return decode_metadata(self._meta_text, len(self.ids))
+        except ValueError as error:
+            raise IndexMismatch(f"index shard {self.path} has corrupt metadata ({error}): "
+                                f"rebuild it") from None
 
     def tensor(self, name: str) -> torch.Tensor:
         return self._file.get_tensor(name)
