@@ -64,7 +64,7 @@ def test_query_delete_compact_append_and_merge(workdir, tmp_path, capsys):
     train, index = workdir / "train.jsonl", tmp_path / "index"
     for part in ("0/2", "1/2"):
         assert run(workdir, "index", "build", "--train", str(train), "--out", str(tmp_path / part[0]),
-                   "--shard", part, "--sketch-rows", "64") == 0
+                   "--shard", part, "--sketch-rows", "64", "--max-tokens", "4") == 0
     assert main(["index", "merge", str(tmp_path / "0"), str(tmp_path / "1"), "--out", str(index)]) == 0
     assert run(workdir, "index", "query", str(index), "--samples", str(workdir / "valid.jsonl"), "--top", "2",
                "--out", str(tmp_path / "query.jsonl")) == 0
@@ -78,6 +78,7 @@ def test_query_delete_compact_append_and_merge(workdir, tmp_path, capsys):
     assert main(["index", "info", str(index)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["samples"], info["deleted"], len(info["sources"])) == (11, 0, 2)
+    assert info["max_tokens"] == 4 and info["merged_samples"] > 0  # the appended samples merged alike
 
 
 def test_mistakes_end_in_one_line(workdir, tmp_path, capsys):
@@ -99,6 +100,7 @@ def test_mistakes_end_in_one_line(workdir, tmp_path, capsys):
     assert main(["index", "delete", str(index), "--ids", "nobody"]) == 2
     assert "not in the index" in capsys.readouterr().err
     for flag, value, message in (("--sketch-rows", "-1", "sketch_rows must be >= 0"),
+                                 ("--max-tokens", "0", "max_tokens >= 1"),
                                  ("--shard-samples", "0", "shard_samples must be positive")):
         assert run(workdir, "index", "build", "--train", str(workdir / "train.jsonl"), "--out",
                    str(tmp_path / "other"), flag, value) == 2

@@ -57,7 +57,10 @@ def coarse_routes(index: Index, valid: list[dict], columns: str, metric) -> dict
     return {"coarse": metric(estimates), "select_kept": kept}
 
 
-def measure(model, name: str, size: str, seed: int, rows: int, storage: str, coarse: bool) -> dict:
+def measure(model, name: str, size: str, seed: int, rows: int, storage: str, coarse: bool,
+            merges: list[int | None]) -> list[dict]:
+    """One row per ``max_tokens`` of ``merges`` (None: every token kept), the exact values
+    computed once."""
     train, valid, loss_on, pairwise, metric = task_and_metric(name, size, seed)
     config = ValuationConfig.for_command("select", loss_on=loss_on)
     started = time.perf_counter()
@@ -67,21 +70,26 @@ def measure(model, name: str, size: str, seed: int, rows: int, storage: str, coa
     else:
         exact = valuator.score(train, valuator.reference(valid))[:, None]
     exact_seconds = time.perf_counter() - started
-    with tempfile.TemporaryDirectory() as folder:
-        started = time.perf_counter()
-        index = Index.build(train, folder, model=model, config=config, sketch_rows=rows, seed=seed,
-                            storage=storage, progress=False)
-        built = time.perf_counter()
-        columns = "each" if pairwise else "mean"
-        stored = index.values(valid, columns=columns).values
-        bytes_per_sample = index.info()["bytes_per_sample"]
-        queried = time.perf_counter()
-        routes = coarse_routes(index, valid, columns, metric) if coarse else {}
-    return {"task": name, "size": size, "seed": seed, "rows": rows, "storage": storage,
-            "exact": metric(exact), "index": metric(stored), **routes,
-            "corr": float(np.corrcoef(exact.ravel(), stored.ravel())[0, 1]),
-            "bytes_per_sample": bytes_per_sample,
-            "seconds": {"exact": exact_seconds, "build": built - started, "query": queried - built}}
+    found = []
+    for max_tokens in merges:
+        with tempfile.TemporaryDirectory() as folder:
+            started = time.perf_counter()
+            index = Index.build(train, folder, model=model, config=config, sketch_rows=rows, seed=seed,
+                                storage=storage, max_tokens=max_tokens, progress=False)
+            built = time.perf_counter()
+            columns = "each" if pairwise else "mean"
+            stored = index.values(valid, columns=columns).values
+            info = index.info()
+            queried = time.perf_counter()
+            routes = coarse_routes(index, valid, columns, metric) if coarse else {}
+        found.append({"task": name, "size": size, "seed": seed, "rows": rows, "storage": storage,
+                      "max_tokens": max_tokens, "merged_samples": info.get("merged_samples", 0),
+                      "exact": metric(exact), "index": metric(stored), **routes,
+                      "corr": float(np.corrcoef(exact.ravel(), stored.ravel())[0, 1]),
+                      "bytes_per_sample": info["bytes_per_sample"],
+                      "seconds": {"exact": exact_seconds, "build": built - started,
+                                  "query": queried - built}})
+    return found
 
 
 def coarse_table(rows: list[dict]) -> str:
@@ -99,12 +107,12 @@ def coarse_table(rows: list[dict]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| task | exact, mean | index, mean | exact - index: mean | worst | min corr | KiB/sample |",
-             "|---|---|---|---|---|---|---|"]
-    for name in dict.fromkeys(r["task"] for r in rows):
-        mine = [r for r in rows if r["task"] == name]
+    lines = ["| task | max tokens | exact, mean | index, mean | exact - index: mean | worst | min corr | "
+             "KiB/sample |", "|---|---|---|---|---|---|---|---|"]
+    for name, merge in dict.fromkeys((r["task"], r.get("max_tokens")) for r in rows):
+        mine = [r for r in rows if r["task"] == name and r.get("max_tokens") == merge]
         gaps = np.array([r["exact"] - r["index"] for r in mine])
-        lines.append(f"| {name} | {np.mean([r['exact'] for r in mine]):.4f} | "
+        lines.append(f"| {name} | {merge or 'all'} | {np.mean([r['exact'] for r in mine]):.4f} | "
                      f"{np.mean([r['index'] for r in mine]):.4f} | {gaps.mean():+.4f} | "
                      f"{gaps[np.argmax(np.abs(gaps))]:+.4f} | {min(r['corr'] for r in mine):.4f} | "
                      f"{np.mean([r['bytes_per_sample'] for r in mine]) / 1024:.1f} |")
@@ -118,19 +126,23 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--rows", type=int, default=SKETCH_ROWS, help="sketch rows k")
     parser.add_argument("--storage", default="bfloat16")
+    parser.add_argument("--max-tokens", default="none",
+                        help="comma-separated max_tokens of the indexes compared (none: all kept)")
     parser.add_argument("--coarse", action="store_true",
                         help="also measure select's fast routes (the coarse estimates, shortlists)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     model = load_model("smollm2-135m")
+    merges = [None if m == "none" else int(m) for m in args.max_tokens.split(",")]
     started, rows = time.perf_counter(), []
     for name in args.tasks.split(","):
         for seed in map(int, args.seeds.split(",")):
-            rows.append(measure(model, name, args.size, seed, args.rows, args.storage, args.coarse))
-            print(json.dumps(rows[-1]), flush=True)
+            for row in measure(model, name, args.size, seed, args.rows, args.storage, args.coarse, merges):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     command = (f"python -m forvalue.bench.evals.index_fidelity --tasks {args.tasks} --size {args.size} "
-               f"--seeds {args.seeds} --rows {args.rows} --storage {args.storage}"
-               + (" --coarse" if args.coarse else ""))
+               f"--seeds {args.seeds} --rows {args.rows} --storage {args.storage} "
+               f"--max-tokens {args.max_tokens}" + (" --coarse" if args.coarse else ""))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine(), "load_average_after": load_average(),
                                     "seconds": time.perf_counter() - started, "command": command,

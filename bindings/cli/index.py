@@ -33,6 +33,9 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--seed", type=int, default=0, help="the sketch's seed")
     build.add_argument("--storage", choices=("bfloat16", "float32"), default="bfloat16",
                        help="dtype of the stored states and errors")
+    build.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                       help="store a sample of more label tokens merged to N (its N directions of "
+                            "largest error energy: bounds the bytes per sample; default: all kept)")
     build.add_argument("--shard", default="0/1", metavar="I/N", help="store only part I of N of the pool "
                        "(join the parts with `forvalue index merge`)")
     build.add_argument("--shard-samples", type=int, default=None, help="samples per shard file")
@@ -125,7 +128,7 @@ def _build(args: argparse.Namespace) -> int:
     shard = Shard.parse(args.shard)
     config = config_from_args(args, INDEX_BUILD)
     options = {"sketch_rows": SKETCH_ROWS if args.sketch_rows is None else args.sketch_rows,
-               "seed": args.seed, "storage": args.storage,
+               "seed": args.seed, "storage": args.storage, "max_tokens": args.max_tokens,
                "shard_samples": SHARD_SAMPLES if args.shard_samples is None else args.shard_samples}
     if args.ray:
         if run_ray_index_build(args, config, options) is None:
@@ -240,6 +243,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _brief(info: dict[str, Any]) -> dict[str, Any]:
-    keys = ("folder", "samples", "deleted", "failed", "shards", "bytes", "bytes_per_sample")
-    return {key: info[key] for key in keys}
+    keys = ("folder", "samples", "deleted", "failed", "shards", "bytes", "bytes_per_sample", "merged_samples",
+            "least_energy_kept")
+    return {key: info[key] for key in keys if key in info}
 

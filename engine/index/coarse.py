@@ -181,9 +181,10 @@ def disk_bytes(index_folder: Path) -> int:
     return sum(path.stat().st_size for path in (index_folder / COARSE_FOLDER).glob("*.safetensors"))
 
 
-def divisors(cosine: torch.Tensor, sizes: list[int], normalize: str) -> torch.Tensor:
+def divisors(cosine: torch.Tensor, counts: list[int], normalize: str) -> torch.Tensor:
     """A sample's divisor under ``normalize``, from its cosine norm and its label tokens."""
-    return cosine if normalize == "cosine" else sample_norms(torch.empty(0), torch.empty(0), sizes, normalize)
+    empty = torch.empty(0)
+    return cosine if normalize == "cosine" else sample_norms(empty, empty, counts, normalize)
 
 
 def whitening_id(pre: Preconditioner | None) -> str:

@@ -27,7 +27,7 @@ from ..valuation.precondition import Preconditioner, resolve_damping
 from ..valuation.ranking import choose
 from ..valuator import Valuator
 from . import coarse
-from .layout import SKETCH_ROWS, Sketch, Target, moments_of, target_of
+from .layout import SKETCH_ROWS, Sketch, Target, moments_of, stored_sketch, target_of
 from .metadata import Where, check_where, describe_where, matches
 from .results import IndexValues, exact_rows, ranked_answers
 from .search import CoarseSearch
@@ -88,17 +88,19 @@ class Index:
     @classmethod
     def build(cls, train: Sequence[dict] | str | Path, out: str | Path, *, model: ValuationModel,
               config: ValuationConfig | None = None, sketch_rows: int = SKETCH_ROWS, seed: int = 0,
-              storage: str = "bfloat16", shard: tuple[int, int] = (0, 1),
+              storage: str = "bfloat16", max_tokens: int | None = None, shard: tuple[int, int] = (0, 1),
               shard_samples: int = SHARD_SAMPLES, overwrite: bool = False, progress: bool = True) -> Index:
         """Store the pool ``train`` (samples, or a file of them) in ``out``; a rerun of the same
         build resumes, another one is refused unless ``overwrite``. ``shard=(i, n)`` stores the
         ``i``-th of ``n`` contiguous parts of the pool (join the parts with ``merge``).
         ``config``: how samples are labelled and read, and how the returned index values
-        (without one: select's readout and values)."""
+        (without one: select's readout and values). ``max_tokens``: a longer sample's tokens
+        are stored merged to that many (engine/index/layout.py, ``merge_tokens``)."""
         if storage not in STORAGE:
             raise ValueError(f"storage must be one of {tuple(STORAGE)}, got {storage!r}")
-        if sketch_rows < 0:
-            raise ValueError(f"sketch_rows must be >= 0 (0: the identity sketch), got {sketch_rows}")
+        if sketch_rows < 0 or (max_tokens is not None and max_tokens < 1):
+            raise ValueError(f"sketch_rows must be >= 0 (0: the identity sketch) and max_tokens >= 1, got "
+                             f"{sketch_rows} and {max_tokens}")
         index, n = shard
         if not 0 <= index < n:
             raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{n}")
@@ -109,7 +111,7 @@ class Index:
         samples, source = samples_of(train)
         labelling = {key: getattr(config, key) for key in STORED_OPTIONS}
         manifest = new_manifest(valuator.model, labelling, sketch.describe(matrix), storage, source,
-                                f"{index}/{n}")
+                                f"{index}/{n}", max_tokens)
         folder = Path(out)
         claim_folder(folder, manifest, overwrite)
         manifest = read_manifest(folder)
@@ -164,7 +166,7 @@ class Index:
         """What the index holds, how it was built and its size on disk."""
         entries = self._entries()
         return {"folder": str(self.folder), "samples": self.samples,
-                **describe(self.folder, self.manifest, [self._shard(e).sizes for e in entries]),
+                **describe(self.folder, self.manifest, [self._shard(e) for e in entries]),
                 "coarse_bytes": coarse.disk_bytes(self.folder)}
 
     def values(self, valid: Sequence[dict], *, columns: str = "mean", shortlist: float | None = None,
@@ -315,15 +317,7 @@ class Index:
 
     @functools.cached_property
     def _sketch(self) -> torch.Tensor:
-        """``R``, drawn again from the seed (and checked to be the one the index was built with)."""
-        described = self.manifest["identity"]["sketch"]
-        kind_rows = 0 if described["kind"] == "identity" else described["rows"]
-        sketch = Sketch(int(self.manifest["identity"]["vocab_size"]), kind_rows, described["seed"])
-        matrix = sketch.matrix()
-        if sketch.fingerprint(matrix) != described["fingerprint"]:
-            raise IndexMismatch(f"{self.folder}: this torch ({torch.__version__}) draws another sketch from "
-                                f"seed {sketch.seed} than the index was built with: rebuild it")
-        return matrix
+        return stored_sketch(self.folder, self.manifest["identity"])
 
     def prepare_target(self, samples: Sequence[dict], columns: str,
                        from_pool: bool) -> tuple[Target, list[SampleError]]:
@@ -382,8 +376,8 @@ class Index:
     def scan(self, targets: list[Target], where: Where | None = None) -> np.ndarray:
         """Values of every live stored sample (in ``_listing``'s order) against every group of
         ``targets``, one chunk of one shard in memory at a time."""
-        parts = [torch.cat([t.values(chunk.hidden, chunk.errors, chunk.gram, chunk.sizes) for t in targets],
-                           dim=1)[live].numpy() for chunk, live in self._live_chunks(where)]
+        parts = [torch.cat([t.values(c.hidden, c.errors, c.gram, c.sizes, counts=c.counts) for t in targets],
+                           dim=1)[live].numpy() for c, live in self._live_chunks(where)]
         return np.concatenate(parts) if parts else np.zeros((0, sum(t.groups for t in targets)))
 
     def _live_chunks(self, where: Where | None = None) -> Iterator[tuple[ShardChunk, list[int]]]:

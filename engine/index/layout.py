@@ -12,12 +12,19 @@ Nothing of ``G`` is formed. At query time, with the target's ``P = C^-T C^-1`` a
 
 ``R`` acts on the vocabulary side of ``G`` and ``P`` on the hidden side, so the sketch commutes
 with any target's ``P``; the hidden side is never compressed before it is whitened.
+
+A sample of more than ``max_tokens`` label tokens can be stored merged (``merge_tokens``):
+``G = E^T H`` is unchanged by any orthonormal basis ``U`` of token space
+(``G = (U^T E)^T (U^T H)``), so the tokens are replaced by the ``max_tokens`` directions of
+``U`` with the largest error energy (the top eigenvectors of ``g``), which keeps exactly
+``G_r = E^T U_r U_r^T H``, the part of ``G`` carried by those directions, under every ``P``.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -26,6 +33,7 @@ from forvalue import kernels
 from ..outputs import LabelStates
 from ..valuation.label_math import LabelMath, stack
 from ..valuation.precondition import MomentAccumulator, Preconditioner
+from .store import IndexMismatch
 
 # Sketch rows: the fewest whose values keep select's default within 0.006 AUC of the exact one
 # on the measured tasks (bench/results/index/layouts.md); fewer rows lose up to 0.04.
@@ -59,6 +67,18 @@ class Sketch:
         return {"kind": kind, "rows": self.width, "seed": self.seed, "fingerprint": self.fingerprint(matrix)}
 
 
+def stored_sketch(folder: Path, identity: dict) -> torch.Tensor:
+    """An index's ``R``, drawn again from its seed and checked to be the one it was built with."""
+    described = identity["sketch"]
+    kind_rows = IDENTITY if described["kind"] == "identity" else described["rows"]
+    sketch = Sketch(int(identity["vocab_size"]), kind_rows, described["seed"])
+    matrix = sketch.matrix()
+    if sketch.fingerprint(matrix) != described["fingerprint"]:
+        raise IndexMismatch(f"{folder}: this torch ({torch.__version__}) draws another sketch from "
+                            f"seed {sketch.seed} than the index was built with: rebuild it")
+    return matrix
+
+
 @dataclass
 class Encoded:
     """A batch of samples in the stored form: tokens one sample after another."""
@@ -78,6 +98,25 @@ def encode(states: list[LabelStates], math: LabelMath, sketch: torch.Tensor) -> 
     grams = [kernels.error_gram(s.hidden, s.labels, s.hidden, s.labels, head, **options).float().reshape(-1)
              for s in states]
     return Encoded(hidden, errors, torch.cat(grams), sizes)
+
+
+def merge_tokens(hidden: torch.Tensor, errors: torch.Tensor, gram: torch.Tensor,
+                 max_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """One sample's stored tokens merged to at most ``max_tokens`` (returned as they are when
+    fewer), and the share of the error energy ``trace(g)`` kept. The merged tokens' gram is
+    ``U_r^T g U_r = diag(lambda_r)``; the sketched errors ``U_r^T u`` are what sketching the
+    merged errors would give (``R`` is linear), and the hidden side is mixed across tokens
+    only, never projected."""
+    size = hidden.shape[0]
+    if size <= max_tokens:
+        return hidden, errors, gram, 1.0
+    g = gram.reshape(size, size).double()
+    energy, basis = torch.linalg.eigh((g + g.T) / 2)  # ascending
+    kept = energy[-max_tokens:].flip(0).clamp_min(0)
+    mix = basis[:, -max_tokens:].flip(1).T  # (max_tokens, size): the top directions
+    merged = [(mix @ part.double()).to(part.dtype) for part in (hidden, errors)]
+    share = float(kept.sum() / energy.clamp_min(0).sum()) if energy.max() > 0 else 1.0
+    return merged[0], merged[1], torch.diag(kept).reshape(-1).to(gram.dtype), share
 
 
 @dataclass
@@ -100,10 +139,11 @@ class Target:
         return self.weights.shape[1]
 
     def values(self, hidden: torch.Tensor, errors: torch.Tensor, gram: torch.Tensor, sizes: list[int],
-               norms: torch.Tensor | None = None) -> torch.Tensor:
+               norms: torch.Tensor | None = None, counts: list[int] | None = None) -> torch.Tensor:
         """``(samples, groups)`` float64: the stored samples' values against each group.
         ``norms``: the samples' divisors when known (the coarse vectors keep them under the
-        pool's ``P``); else computed, which whitens the stored states for cosine."""
+        pool's ``P``); else computed, which whitens the stored states for cosine. ``counts``:
+        the samples' label tokens when some were stored merged (``mean`` divides by them)."""
         h, u = hidden.float(), errors.float()
         S, D, k = self.projected.shape[0], h.shape[1], u.shape[1]
         if self.groups * D * k < S * (D + k):  # per group the k x D matrix M = sum_s w_s u_s (P h_s)^T
@@ -116,17 +156,20 @@ class Target:
         per_sample.index_add_(0, sample_of, per_token.double())
         if norms is None:  # cosine's norms need the stored states whitened; none and mean do not
             whiten = self.normalize == "cosine" and self.preconditioner is not None
-            norms = sample_norms(self.preconditioner.whiten(h) if whiten else h, gram, sizes, self.normalize)
+            norms = sample_norms(self.preconditioner.whiten(h) if whiten else h, gram, sizes, self.normalize,
+                                 counts)
         return per_sample / norms[:, None]
 
 
-def sample_norms(z: torch.Tensor, gram: torch.Tensor, sizes: list[int], normalize: str) -> torch.Tensor:
+def sample_norms(z: torch.Tensor, gram: torch.Tensor, sizes: list[int], normalize: str,
+                 counts: list[int] | None = None) -> torch.Tensor:
     """Each sample's divisor under ``normalize`` (float64); cosine's ``sum g_ts (z_t . z_s)``
-    from the stored gram and the states padded to the batch's longest sample."""
+    from the stored gram and the states padded to the batch's longest sample; ``mean``'s label
+    tokens (``counts`` where tokens were merged, else ``sizes``)."""
     if normalize == "none":
         return torch.ones(len(sizes), dtype=torch.float64)
     if normalize == "mean":
-        return torch.tensor(sizes, dtype=torch.float64)
+        return torch.tensor(sizes if counts is None else counts, dtype=torch.float64)
     padded = torch.nn.utils.rnn.pad_sequence(z.split(sizes), batch_first=True)
     longest = padded.shape[1]
     counts = torch.tensor(sizes)

@@ -118,7 +118,7 @@ class CoarseSearch:
             vectors, cosine = store.shard_vectors(entry, shard, frozen, frozen_id)
             live = torch.tensor(positions, dtype=torch.int64)
             parts.append(vectors if len(live) == len(vectors) else vectors[live])
-            norms.append(coarse.divisors(cosine, shard.sizes, index.config.normalize)[live])
+            norms.append(coarse.divisors(cosine, shard.counts, index.config.normalize)[live])
             places.append(torch.stack([torch.full_like(live, number), live], dim=1))
             files.add(entry["file"])
         store.forget_others(files)
@@ -134,7 +134,8 @@ class CoarseSearch:
         chunks = [self.index.shard(number).gather(places)
                   for number, places in vectors.by_shard(positions).items()]
         stored = [torch.cat([getattr(c, part) for c in chunks]) for part in ("hidden", "errors", "gram")]
-        return target.values(*stored, [n for c in chunks for n in c.sizes], norms).numpy()
+        return target.values(*stored, [n for c in chunks for n in c.sizes], norms,
+                             [n for c in chunks for n in c.counts]).numpy()
 
 
 def _same(pool: Preconditioner | None, frozen: Preconditioner | None) -> bool:

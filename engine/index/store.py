@@ -5,7 +5,9 @@
     IDX/shard-00000.safetensors  one shard: ``hidden`` (tokens x D), ``errors`` (tokens x k),
                               ``gram`` (sum T^2), ``sizes`` and ``rows`` (per sample), the shard's
                               ``moment_sum`` (sum h h^T, float64), its ids and the samples'
-                              ``"meta"`` objects in the header (engine/index/metadata.py)
+                              ``"meta"`` objects in the header (engine/index/metadata.py); an
+                              index that merges long samples' tokens adds ``counts`` (label
+                              tokens) and ``energy_kept`` per sample
     IDX/coarse/               what the fast routes read, rebuilt when missing (engine/index/coarse.py)
 
 Safetensors because a shard is a few dense arrays read in token ranges: ``safe_open`` checks
@@ -46,6 +48,7 @@ SHARD_FORMAT = "forvalue.index-shard/1"
 MANIFEST = "index.json"
 STORAGE = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 TENSORS = ("hidden", "errors", "gram", "sizes", "rows", "moment_sum")
+MERGE_TENSORS = ("counts", "energy_kept")  # per sample, in the shards of an index with max_tokens
 SCAN_TOKENS = 16384  # stored tokens read (and valued) at a time
 
 
@@ -60,8 +63,9 @@ class ShardChunk:
     hidden: torch.Tensor
     errors: torch.Tensor
     gram: torch.Tensor
-    sizes: list[int]
+    sizes: list[int]  # tokens stored per sample
     positions: range | list[int]  # the samples' positions in the shard
+    counts: list[int]  # label tokens per sample (more than ``sizes`` where merged)
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -109,6 +113,7 @@ class Shard:
             self._meta_text = metadata.get("meta")
             self.sizes = self._file.get_tensor("sizes").tolist()
             self.rows = self._file.get_tensor("rows").tolist()
+            self.counts = self._file.get_tensor("counts").tolist() if self.has("counts") else self.sizes
         except (OSError, SafetensorError, KeyError, ValueError) as error:
             if isinstance(error, IndexMismatch):
                 raise
@@ -135,6 +140,9 @@ class Shard:
     def tensor(self, name: str) -> torch.Tensor:
         return self._file.get_tensor(name)
 
+    def has(self, name: str) -> bool:
+        return name in self._file.keys()
+
     def chunks(self, max_tokens: int, keep: set[int] | None = None) -> Iterator[ShardChunk]:
         """Consecutive samples of at most ``max_tokens`` label tokens (or one longer sample);
         ``keep``: the positions to read (the others, deleted ones, are skipped)."""
@@ -155,14 +163,15 @@ class Shard:
         grams = _ranges(self.gram_starts, positions)
         hidden, errors, gram = (self._mapped[name] for name in ("hidden", "errors", "gram"))
         return ShardChunk(hidden[tokens], errors[tokens], gram[grams], [self.sizes[p] for p in positions],
-                          positions)
+                          positions, [self.counts[p] for p in positions])
 
     def _read(self, positions: range) -> ShardChunk:
         first, last = positions.start, positions.stop
         tokens = slice(self.token_starts[first], self.token_starts[last])
         grams = slice(self.gram_starts[first], self.gram_starts[last])
         return ShardChunk(self._mapped["hidden"][tokens], self._mapped["errors"][tokens],
-                          self._mapped["gram"][grams], self.sizes[first:last], positions)
+                          self._mapped["gram"][grams], self.sizes[first:last], positions,
+                          self.counts[first:last])
 
 
 # safetensors' dtype names, as numpy reads their bytes and torch sees them
@@ -211,32 +220,48 @@ def fingerprint(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(content.encode()).hexdigest()[:32]
 
 
-def describe(folder: Path, manifest: dict[str, Any], sizes: list[list[int]]) -> dict[str, Any]:
-    """``info`` of an index: what the manifest says, bytes on disk and bytes per stored sample
-    (``sizes``: label tokens per sample of each shard; the per-shard covariance left out, it
-    does not grow with samples)."""
+def describe(folder: Path, manifest: dict[str, Any], shards: list[Shard]) -> dict[str, Any]:
+    """``info`` of an index: what the manifest says, bytes on disk, bytes per stored sample
+    (the per-shard covariance left out, it does not grow with samples) and, where long
+    samples' tokens were merged, how many and the least share of error energy kept."""
     entries = [e for e in manifest["shards"] if e["file"]]
+    sizes = [shard.sizes for shard in shards]
     identity = manifest["identity"]
     count, tokens = sum(len(s) for s in sizes), sum(map(sum, sizes))
     width = STORAGE[identity["storage"]].itemsize
     per_token = (int(identity["hidden_size"]) + identity["sketch"]["rows"]) * width
     squares = sum(n * n for shard in sizes for n in shard)
+    per_sample = 16 if identity.get("max_tokens") is None else 28  # sizes, rows (+ counts, energy_kept)
     sources = [{**source, "rows_stored": len(covered_rows(manifest, number))}
                for number, source in enumerate(manifest["sources"])]
     return {"format": FORMAT, "model": manifest["model_name"], "deleted": len(manifest["deleted"]),
             "failed": len(manifest["failed"]), "label_tokens": tokens, "shards": len(entries),
             "bytes": sum((folder / e["file"]).stat().st_size for e in entries),
-            "bytes_per_sample": (tokens * per_token + squares * 4 + count * 16) / count if count else 0.0,
+            "bytes_per_sample": (tokens * per_token + squares * 4) / count + per_sample if count else 0.0,
             "storage": identity["storage"], "sketch": identity["sketch"],
             "hidden_features": int(identity["hidden_size"]), "labelling": manifest["labelling"],
-            "sources": sources, "forvalue_version": identity["forvalue_version"]}
+            "sources": sources, "forvalue_version": identity["forvalue_version"],
+            **merging(identity, shards)}
+
+
+def merging(identity: dict[str, Any], shards: list[Shard]) -> dict[str, Any]:
+    """What ``max_tokens`` did to the stored samples (nothing to say without it)."""
+    if identity.get("max_tokens") is None:
+        return {}
+    merged = [float(kept) for shard in shards for kept, count, size
+              in zip(shard.tensor("energy_kept"), shard.counts, shard.sizes, strict=True) if count > size]
+    return {"max_tokens": identity["max_tokens"], "merged_samples": len(merged),
+            "least_energy_kept": min(merged, default=1.0)}
 
 
 def new_manifest(model: ValuationModel, labelling: dict[str, Any], sketch: dict[str, Any], storage: str,
-                 source: dict[str, Any], shard: str) -> dict[str, Any]:
-    """The manifest of an index about to be built."""
+                 source: dict[str, Any], shard: str, max_tokens: int | None = None) -> dict[str, Any]:
+    """The manifest of an index about to be built (``max_tokens`` named only when set: an
+    index without it is what earlier versions built)."""
     identity = {key: value for key, value in model.identity.items() if key != "model_name"}
     identity.update(sketch=sketch, storage=storage, forvalue_version=__version__)
+    if max_tokens is not None:
+        identity["max_tokens"] = max_tokens
     return {"format": FORMAT, "model_name": model.name, "identity": identity, "labelling": labelling,
             "sources": [source], "build_shard": shard, "shards": [], "failed": [], "deleted": []}
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..inputs.readers import read_samples
 from ..inputs.samples import SampleError, sample_fingerprint, sample_id_of, subset_of
 from ..valuator import Valuator
-from .layout import Encoded, encode
+from .layout import Encoded, encode, merge_tokens
 from .metadata import sample_metadata
 from .store import STORAGE, IndexMismatch, covered_rows, write_manifest, write_shard
 
@@ -40,6 +40,7 @@ class ShardWriter:
         self.folder, self.manifest, self.valuator = folder, manifest, valuator
         self.sketch = sketch
         self.storage = STORAGE[manifest["identity"]["storage"]]
+        self.max_tokens: int | None = manifest["identity"].get("max_tokens")
         self.shard_samples = shard_samples
         self.progress = progress
 
@@ -53,11 +54,13 @@ class ShardWriter:
 
     def _write(self, source: int, samples: Sequence[dict], rows: list[int]) -> None:
         failures: list[SampleError] = []
-        stored: dict[int, tuple[torch.Tensor, ...]] = {}  # position: (hidden, errors, gram)
+        stored: dict[int, tuple] = {}  # position: (hidden, errors, gram, label tokens, energy kept)
         for batch in self.valuator.each_label_states(subset_of(samples, rows), failures):
             encoded = encode(batch, self.valuator.math, self.sketch)
-            for states, *tensors in zip(batch, *split(encoded), strict=True):
-                stored[states.index] = tuple(tensors)
+            for states, hidden, errors, gram in zip(batch, *split(encoded), strict=True):
+                merged = (hidden, errors, gram, 1.0) if self.max_tokens is None else \
+                    merge_tokens(hidden, errors, gram, self.max_tokens)
+                stored[states.index] = (*merged[:3], len(hidden), merged[3])
         kept = sorted(stored)
         number = len(self.manifest["shards"])
         entry = {"file": None, "source": source, "rows": [rows[0], rows[-1] + 1],
@@ -72,13 +75,16 @@ class ShardWriter:
         self.manifest["shards"].append(entry)
         write_manifest(self.folder, self.manifest)
 
-    def _tensors(self, stored: dict[int, tuple[torch.Tensor, ...]], kept: list[int],
-                 rows: list[int]) -> dict[str, torch.Tensor]:
+    def _tensors(self, stored: dict[int, tuple], kept: list[int], rows: list[int]) -> dict[str, torch.Tensor]:
         hidden, errors, gram = (torch.cat([stored[i][part] for i in kept]) for part in range(3))
         hidden = hidden.to(self.storage)
-        return {"hidden": hidden, "errors": errors.to(self.storage), "gram": gram,
-                "sizes": torch.tensor([len(stored[i][0]) for i in kept]),
-                "rows": torch.tensor([rows[i] for i in kept]), "moment_sum": moment_sum(hidden)}
+        tensors = {"hidden": hidden, "errors": errors.to(self.storage), "gram": gram,
+                   "sizes": torch.tensor([len(stored[i][0]) for i in kept]),
+                   "rows": torch.tensor([rows[i] for i in kept]), "moment_sum": moment_sum(hidden)}
+        if self.max_tokens is not None:
+            tensors["counts"] = torch.tensor([stored[i][3] for i in kept])
+            tensors["energy_kept"] = torch.tensor([stored[i][4] for i in kept], dtype=torch.float32)
+        return tensors
 
 
 def moment_sum(hidden: torch.Tensor) -> torch.Tensor:
