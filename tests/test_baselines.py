@@ -128,3 +128,25 @@ def test_representation_similarity(tiny):
     ids = torch.tensor([samples[0]["input_ids"]])
     mean = model.hidden_states(ids, torch.ones_like(ids))[0].double().mean(0)
     torch.testing.assert_close(baselines.mean_hidden_states(model, samples[:1])[0], mean)
+
+
+def test_rds_plus_by_hand(tiny):
+    """Each sample run alone (no padding): token i of n weighted i / (n (n + 1) / 2), the
+    pooled states L2-normalised, each training sample's best cosine over the validation set."""
+    hf, _ = tiny
+    model = load_model(hf, dtype=torch.float64)
+    train, valid = random_samples(5, seed=9, min_len=2, max_len=17), random_samples(3, seed=10)
+
+    def pooled(sample):
+        ids = torch.tensor([sample["input_ids"]])
+        hidden = model.hidden_states(ids, torch.ones_like(ids))[0].double()
+        weights = torch.arange(1, len(hidden) + 1, dtype=torch.float64)
+        vector = (weights[:, None] * hidden).sum(0) / weights.sum()
+        return vector / vector.norm()
+
+    cosines = np.array([[float(pooled(a) @ pooled(b)) for b in valid] for a in train])
+    pairs = baselines.rds_plus_values(model, train, valid, reference=False)
+    np.testing.assert_allclose(pairs, cosines, rtol=1e-9, atol=1e-12)
+    best = baselines.rds_plus_values(model, train, valid, reference=True)
+    np.testing.assert_allclose(best, cosines.max(axis=1), rtol=1e-9, atol=1e-12)
+    assert not np.allclose(pairs, baselines.representation_similarity(model, train, valid))

@@ -127,7 +127,7 @@ def test_info_edits_and_refusals_of_a_merged_index(model, pool, tmp_path):
     after = index.values(valid)
     kept = [before[i] for i in after.ids]
     assert after.values[:, 0].tolist() == pytest.approx(kept, rel=1e-6)  # the label-token counts kept
-    with pytest.raises(IndexMismatch, match="identity"):  # another max_tokens does not resume it
+    with pytest.raises(IndexMismatch, match="identity: max_tokens"):  # another one does not resume it
         build(model, train, tmp_path / "index", config, max_tokens=MAX_TOKENS + 1)
     with pytest.raises(ValueError, match="max_tokens >= 1"):
         build(model, train, tmp_path / "other", config, max_tokens=0)
@@ -135,3 +135,31 @@ def test_info_edits_and_refusals_of_a_merged_index(model, pool, tmp_path):
     assert manifest["identity"]["max_tokens"] == MAX_TOKENS
     plain = build(model, train, tmp_path / "plain", config, max_tokens=None)
     assert "max_tokens" not in plain.manifest["identity"]
+
+
+def test_a_query_s_pool_p_is_the_unmerged_pool_s(model, pool, tmp_path):
+    """The pool's moments are of the states before merging, with every label token counted, so
+    a query (P from the pool) values unmerged samples as an index without merging does; after
+    a short sample is deleted and compacted too."""
+    train, valid = pool
+    config = ValuationConfig(normalize="cosine", precondition="input", batch_tokens=64)
+    merged = build(model, train, tmp_path / "merged", config, shard_samples=4)
+    whole = build(model, train, tmp_path / "whole", config, shard_samples=4, max_tokens=None)
+    states = Valuator(model, config=config, progress=False).label_states(train)
+    counts = {s["id"]: len(x.labels) for s, x in zip(train, states, strict=True)}
+    short = [i for i, n in counts.items() if n <= MAX_TOKENS]
+
+    def check_same_pool(live):
+        ours, theirs = merged.pool_preconditioner(), whole.pool_preconditioner()
+        assert ours.tokens == theirs.tokens == sum(counts[i] for i in live)
+        torch.testing.assert_close(ours.moment_sum, theirs.moment_sum, rtol=1e-12, atol=1e-9)
+        found = [{a["id"]: a["value"] for a in index.query(valid[:1], top=len(train), exact=True)[0]["most"]}
+                 for index in (merged, whole)]
+        assert [found[0][i] for i in live if i in short] == \
+            pytest.approx([found[1][i] for i in live if i in short], rel=1e-5)
+
+    check_same_pool(list(counts))
+    for index in (merged, whole):
+        index.delete([short[0]])
+        index.compact()
+    check_same_pool([i for i in counts if i != short[0]])

@@ -9,6 +9,8 @@ Every function returns values where higher means more helpful, as For-Value's do
   gradients of LoRA adapters on the attention projections after a one-epoch warm-up
   fine-tune (at initialisation one LoRA factor is zero and its gradients vanish).
 - ``representation_similarity``: cosine of mean final hidden states.
+- ``rds_plus_values``: RDS+ (Ivison et al., 2025): the cosine of position-weighted means of
+  the final states, each pool sample scored by its best match among the target's samples.
 - ``tfidf_similarity``: cosine of TF-IDF vectors of the samples' words.
 """
 
@@ -220,9 +222,11 @@ def datainf_values(train_blocks: Sequence[torch.Tensor], valid_blocks: Sequence[
 
 
 @torch.inference_mode()
-def mean_hidden_states(model: ValuationModel, samples: Sequence[dict], batch_size: int = 16) -> torch.Tensor:
-    """Each sample's final hidden states averaged over all its tokens (image tokens
-    included), ``(n, d)`` float64."""
+def mean_hidden_states(model: ValuationModel, samples: Sequence[dict], batch_size: int = 16,
+                       weighted: bool = False) -> torch.Tensor:
+    """Each sample's final (post-norm) hidden states averaged over all its tokens (image
+    tokens included), ``(n, d)`` float64; ``weighted``: token ``i`` (1-based, real tokens
+    only) weighted ``i / sum_j j``, RDS+'s ``weighted_mean`` pooling."""
     encoded = encode(model, samples, "all")
     step = batch_size if model.vision is None else 1  # image inputs are a batch of one
     out = torch.empty((len(encoded), model.hidden_size), dtype=torch.float64)
@@ -230,7 +234,8 @@ def mean_hidden_states(model: ValuationModel, samples: Sequence[dict], batch_siz
         batch = encoded[first:first + step]
         ids, mask = right_padded([s.input_ids for s in batch])
         hidden = model.hidden_states(ids, mask, batch[0].images if step == 1 else None).double().cpu()
-        weights = mask[:, :, None].double()
+        weights = mask.double().cumsum(1) * mask if weighted else mask.double()  # right padded
+        weights = weights[:, :, None].double()
         out[first:first + len(batch)] = (hidden * weights).sum(1) / weights.sum(1)
     return out
 
@@ -241,6 +246,18 @@ def representation_similarity(model: ValuationModel, train: Sequence[dict],
     a = torch.nn.functional.normalize(mean_hidden_states(model, train), dim=1)
     b = torch.nn.functional.normalize(mean_hidden_states(model, valid), dim=1)
     return (a @ b.T).numpy()
+
+
+def rds_plus_values(model: ValuationModel, train: Sequence[dict], valid: Sequence[dict], *,
+                    reference: bool) -> np.ndarray:
+    """RDS+ as its authors' code computes it (``compute_influence_cosinesim.py --pooling
+    weighted_mean``, then ``get_top_aggregated_influences.py``): the cosines of the samples'
+    L2-normalised position-weighted mean states, ``(n_train, n_valid)``; against the validation
+    set as a whole (``reference``), each training sample's best cosine over it, ``(n_train,)``."""
+    a = torch.nn.functional.normalize(mean_hidden_states(model, train, weighted=True), dim=1)
+    b = torch.nn.functional.normalize(mean_hidden_states(model, valid, weighted=True), dim=1)
+    cosines = (a @ b.T).numpy()
+    return cosines.max(axis=1) if reference else cosines
 
 
 def words_of(text: str) -> list[str]:

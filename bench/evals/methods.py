@@ -188,6 +188,14 @@ def _representation(ctx: Context) -> np.ndarray:
     return baselines.representation_similarity(ctx.model, ctx.task.train, ctx.task.valid)
 
 
+def _rds_plus(pairs: bool) -> Callable[[Context], np.ndarray]:
+    def run(ctx: Context) -> np.ndarray:
+        return baselines.rds_plus_values(ctx.model, ctx.task.train, ctx.task.valid,
+                                         reference=ctx.by_reference and not pairs)
+
+    return run
+
+
 def _tfidf(ctx: Context) -> np.ndarray:
     texts = [sample_text(s) for s in ctx.task.train], [sample_text(s) for s in ctx.task.valid]
     return baselines.tfidf_similarity(*texts)
@@ -216,6 +224,7 @@ METHODS: tuple[Method, ...] = (
     Method("lora-less", _lora(baselines.less_values), "gradient", uses_lora=True),
     Method("datainf", _lora(_datainf), "gradient", uses_lora=True),
     Method("repr-cosine", _representation, "similarity"),
+    Method("rds-plus", _rds_plus(pairs=False), "similarity", pairwise=_rds_plus(pairs=True)),
     Method("tfidf-cosine", _tfidf, "similarity", text_only=True),
 )
 METHOD_NAMES = tuple(m.name for m in METHODS)

@@ -123,13 +123,14 @@ def _query_config(args: argparse.Namespace, command: str) -> Any:
 def _build(args: argparse.Namespace) -> int:
     from forvalue.engine import Index
     from forvalue.engine.index.layout import SKETCH_ROWS
-    from forvalue.engine.index.writer import SHARD_SAMPLES
+    from forvalue.engine.index.writer import SHARD_SAMPLES, check_build_options
 
     shard = Shard.parse(args.shard)
     config = config_from_args(args, INDEX_BUILD)
     options = {"sketch_rows": SKETCH_ROWS if args.sketch_rows is None else args.sketch_rows,
                "seed": args.seed, "storage": args.storage, "max_tokens": args.max_tokens,
                "shard_samples": SHARD_SAMPLES if args.shard_samples is None else args.shard_samples}
+    check_build_options(args.storage, options["sketch_rows"], args.max_tokens)
     if args.ray:
         if run_ray_index_build(args, config, options) is None:
             return 1

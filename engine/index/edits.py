@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from .store import MERGE_TENSORS, IndexMismatch, Shard, read_manifest, write_manifest, write_shard
-from .writer import moment_sum
 
 if TYPE_CHECKING:
     from .index import Index
@@ -93,9 +92,10 @@ def _source_number(sources: list[dict], source: dict) -> int:
 
 def _kept_tensors(shard: Shard, keep: list[int]) -> dict[str, torch.Tensor]:
     kept = shard.gather(keep)
+    gone = sorted(set(range(len(shard.ids))).difference(keep))  # as a query took them out before
     tensors = {"hidden": kept.hidden, "errors": kept.errors, "gram": kept.gram,
                "sizes": shard.tensor("sizes")[keep], "rows": shard.tensor("rows")[keep],
-               "moment_sum": moment_sum(kept.hidden)}
+               "moment_sum": shard.moments_without(gone)}
     return tensors | {name: shard.tensor(name)[keep] for name in MERGE_TENSORS if shard.has(name)}
 
 

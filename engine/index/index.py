@@ -33,7 +33,6 @@ from .results import IndexValues, exact_rows, ranked_answers
 from .search import CoarseSearch
 from .store import (
     SCAN_TOKENS,
-    STORAGE,
     IndexMismatch,
     Shard,
     ShardChunk,
@@ -46,7 +45,7 @@ from .store import (
     read_manifest,
     write_manifest,
 )
-from .writer import SHARD_SAMPLES, ShardWriter, default_id, moment_sum, read_source, samples_of
+from .writer import SHARD_SAMPLES, ShardWriter, check_build_options, default_id, read_source, samples_of
 
 # The options that decide what is stored (how samples are labelled and read); the others
 # (normalize, precondition, damping) are chosen per query.
@@ -96,11 +95,7 @@ class Index:
         ``config``: how samples are labelled and read, and how the returned index values
         (without one: select's readout and values). ``max_tokens``: a longer sample's tokens
         are stored merged to that many (engine/index/layout.py, ``merge_tokens``)."""
-        if storage not in STORAGE:
-            raise ValueError(f"storage must be one of {tuple(STORAGE)}, got {storage!r}")
-        if sketch_rows < 0 or (max_tokens is not None and max_tokens < 1):
-            raise ValueError(f"sketch_rows must be >= 0 (0: the identity sketch) and max_tokens >= 1, got "
-                             f"{sketch_rows} and {max_tokens}")
+        check_build_options(storage, sketch_rows, max_tokens)
         index, n = shard
         if not 0 <= index < n:
             raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{n}")
@@ -354,12 +349,9 @@ class Index:
         """The pool's ``sum h h^T`` and token count, deleted samples taken out."""
         total, tokens = None, 0
         for _, shard, live in self.live_shards():
-            part = shard.tensor("moment_sum")
-            gone = sorted(set(range(len(shard.ids))).difference(live))
-            if gone:  # read only the deleted samples' states
-                part = part - moment_sum(shard.gather(gone).hidden)
+            part = shard.moments_without(sorted(set(range(len(shard.ids))).difference(live)))
             total = part if total is None else total + part
-            tokens += sum(shard.sizes[p] for p in live)
+            tokens += sum(shard.counts[p] for p in live)
         if total is None or tokens == 0:
             raise ValueError(f"{self.folder} holds no sample")
         return total, tokens

@@ -114,7 +114,8 @@ def merge_tokens(hidden: torch.Tensor, errors: torch.Tensor, gram: torch.Tensor,
     energy, basis = torch.linalg.eigh((g + g.T) / 2)  # ascending
     kept = energy[-max_tokens:].flip(0).clamp_min(0)
     mix = basis[:, -max_tokens:].flip(1).T  # (max_tokens, size): the top directions
-    merged = [(mix @ part.double()).to(part.dtype) for part in (hidden, errors)]
+    # float32 at least: a merged row's norm can grow to sqrt(size) times a token's
+    merged = [(mix @ p.double()).to(torch.promote_types(p.dtype, torch.float32)) for p in (hidden, errors)]
     share = float(kept.sum() / energy.clamp_min(0).sum()) if energy.max() > 0 else 1.0
     return merged[0], merged[1], torch.diag(kept).reshape(-1).to(gram.dtype), share
 

@@ -98,6 +98,12 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], ids: list[str],
     replace_atomically(path, lambda tmp: save_file(contiguous, tmp, metadata))
 
 
+def moment_sum(hidden: torch.Tensor) -> torch.Tensor:
+    """``sum h h^T`` in float64 of the states as stored (so deleting them subtracts exactly)."""
+    h = hidden.to(torch.float64)
+    return h.T @ h
+
+
 class Shard:
     """One shard file, opened (mapped); its samples read in chunks of whole samples."""
 
@@ -119,7 +125,8 @@ class Shard:
                 raise
             raise IndexMismatch(f"index shard {path} is truncated or corrupt ({error}): rebuild it "
                               f"(`forvalue index build` resumes from the shards before it)") from None
-        if len(self.ids) != entry["samples"] or sum(self.sizes) != entry["tokens"]:
+        if len(self.ids) != entry["samples"] or sum(self.sizes) != entry["tokens"] or \
+                len(self.counts) != len(self.sizes):
             raise IndexMismatch(f"index shard {path} does not hold what the manifest says ({len(self.ids)} "
                               f"samples, {sum(self.sizes)} tokens; expected {entry['samples']}, "
                               f"{entry['tokens']}): rebuild it")
@@ -139,6 +146,12 @@ class Shard:
 
     def tensor(self, name: str) -> torch.Tensor:
         return self._file.get_tensor(name)
+
+    def moments_without(self, gone: list[int]) -> torch.Tensor:
+        """The shard's ``sum h h^T`` less the stored states' of the samples at ``gone`` (of a
+        merged sample, the part its merged states carry: the rest stays; docs/design.md)."""
+        part = self.tensor("moment_sum")
+        return part - moment_sum(self.gather(gone).hidden) if gone else part
 
     def has(self, name: str) -> bool:
         return name in self._file.keys()
@@ -272,6 +285,10 @@ def claim_folder(folder: Path, manifest: dict[str, Any], overwrite: bool) -> Non
         recorded = read_manifest(folder)
         keys = ("identity", "labelling", "build_shard")
         differences = [key for key in keys if recorded.get(key) != manifest[key]]
+        if "identity" in differences:  # name what differs (the sketch, max_tokens, the model...)
+            ours, theirs = manifest["identity"], recorded["identity"]
+            named = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+            differences[0] = f"identity: {', '.join(named)}"
         if recorded["sources"][0]["fingerprint"] != manifest["sources"][0]["fingerprint"]:
             differences.append("the training samples")
         if differences:

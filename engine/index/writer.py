@@ -20,9 +20,18 @@ from ..inputs.samples import SampleError, sample_fingerprint, sample_id_of, subs
 from ..valuator import Valuator
 from .layout import Encoded, encode, merge_tokens
 from .metadata import sample_metadata
-from .store import STORAGE, IndexMismatch, covered_rows, write_manifest, write_shard
+from .store import STORAGE, IndexMismatch, covered_rows, moment_sum, write_manifest, write_shard
 
 SHARD_SAMPLES = 2048  # rows per shard: about 100 MB at 50 KiB per sample, one shard in memory
+
+
+def check_build_options(storage: str, sketch_rows: int, max_tokens: int | None) -> None:
+    """Refuse what no build can use (before a model loads, or a Ray job starts)."""
+    if storage not in STORAGE:
+        raise ValueError(f"storage must be one of {tuple(STORAGE)}, got {storage!r}")
+    if sketch_rows < 0 or (max_tokens is not None and max_tokens < 1):
+        raise ValueError(f"sketch_rows must be >= 0 (0: the identity sketch) and max_tokens >= 1, got "
+                         f"{sketch_rows} and {max_tokens}")
 
 
 def default_id(source: int, row: int) -> str:
@@ -55,11 +64,16 @@ class ShardWriter:
     def _write(self, source: int, samples: Sequence[dict], rows: list[int]) -> None:
         failures: list[SampleError] = []
         stored: dict[int, tuple] = {}  # position: (hidden, errors, gram, label tokens, energy kept)
+        moments: dict[int, torch.Tensor] = {}  # position: its label states' sum h h^T, as stored
         for batch in self.valuator.each_label_states(subset_of(samples, rows), failures):
             encoded = encode(batch, self.valuator.math, self.sketch)
             for states, hidden, errors, gram in zip(batch, *split(encoded), strict=True):
-                merged = (hidden, errors, gram, 1.0) if self.max_tokens is None else \
-                    merge_tokens(hidden, errors, gram, self.max_tokens)
+                if self.max_tokens is None:
+                    stored[states.index] = (hidden, errors, gram, len(hidden), 1.0)
+                    continue
+                # the pool's moments are of the states before merging: a query's P is the same
+                moments[states.index] = moment_sum(hidden.to(self.storage))
+                merged = merge_tokens(hidden, errors, gram, self.max_tokens)
                 stored[states.index] = (*merged[:3], len(hidden), merged[3])
         kept = sorted(stored)
         number = len(self.manifest["shards"])
@@ -69,28 +83,24 @@ class ShardWriter:
             entry["file"] = f"shard-{number:05d}.safetensors"
             ids = [sample_id_of(samples[rows[i]], default_id(source, rows[i])) for i in kept]
             metas = [sample_metadata(samples[rows[i]]) for i in kept]
-            write_shard(self.folder / entry["file"], self._tensors(stored, kept, rows), ids, metas)
+            write_shard(self.folder / entry["file"], self._tensors(stored, kept, rows, moments), ids, metas)
         self.manifest["failed"].extend({"source": source, "row": rows[e.index], "id": e.sample_id,
                                         "error": str(e)} for e in failures)
         self.manifest["shards"].append(entry)
         write_manifest(self.folder, self.manifest)
 
-    def _tensors(self, stored: dict[int, tuple], kept: list[int], rows: list[int]) -> dict[str, torch.Tensor]:
+    def _tensors(self, stored: dict[int, tuple], kept: list[int], rows: list[int],
+                 moments: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
         hidden, errors, gram = (torch.cat([stored[i][part] for i in kept]) for part in range(3))
         hidden = hidden.to(self.storage)
         tensors = {"hidden": hidden, "errors": errors.to(self.storage), "gram": gram,
                    "sizes": torch.tensor([len(stored[i][0]) for i in kept]),
-                   "rows": torch.tensor([rows[i] for i in kept]), "moment_sum": moment_sum(hidden)}
+                   "rows": torch.tensor([rows[i] for i in kept]),
+                   "moment_sum": sum(moments[i] for i in kept) if moments else moment_sum(hidden)}
         if self.max_tokens is not None:
             tensors["counts"] = torch.tensor([stored[i][3] for i in kept])
             tensors["energy_kept"] = torch.tensor([stored[i][4] for i in kept], dtype=torch.float32)
         return tensors
-
-
-def moment_sum(hidden: torch.Tensor) -> torch.Tensor:
-    """``sum h h^T`` in float64 of the states as stored (so deleting them subtracts exactly)."""
-    h = hidden.to(torch.float64)
-    return h.T @ h
 
 
 def split(encoded: Encoded) -> tuple[tuple[torch.Tensor, ...], ...]:
