@@ -10,6 +10,10 @@ from forvalue.bench.evals import metrics
 from forvalue.bench.evals.answers_task import DOMAINS, answer_chat
 from forvalue.bench.evals.downstream import fact_sample, make_downstream
 from forvalue.bench.evals.sport_terms import SPORT_TEMPLATES, SPORT_TERMS, SPORTS
+from forvalue.bench.evals.targeted_task import HELD_OUT as TARGETED_HELD_OUT
+from forvalue.bench.evals.targeted_task import KINDS, TARGETS, in_words, make_targeted
+from forvalue.bench.evals.targeted_task import POOL as TARGETED_POOL
+from forvalue.bench.evals.targeted_task import VALID as TARGETED_VALID
 from forvalue.bench.evals.tasks import (
     CORRUPT_SHARE,
     FILLERS,
@@ -348,3 +352,43 @@ def test_answers_near_misaligns_within_the_questions_domain():
                                                for i in range(len(DOMAINS[d][2]))
                                                if answer_chat(d, i)[0] == question))[1]
     assert misaligned == round(0.3 * len(near.train)) // 3
+
+
+@pytest.mark.parametrize("size", ["small", "full"])
+def test_targeted_pool_corrupts_each_kind_and_keeps_targets_out_of_it(size):
+    task = make_targeted(size, 3)
+    right = {kind.question(i): kind.answer(i) for kind in KINDS.values() for i in kind.items}
+    assert [s["id"] for s in task.pool] == [f"pool-{i}" for i in range(len(task.pool))]
+    for name in KINDS:
+        mine = [s for s in task.pool if s["meta"]["kind"] == name]
+        kinds = [s["meta"]["corruption"] for s in mine]
+        bad = round(0.3 * TARGETED_POOL[size])
+        assert len(mine) == TARGETED_POOL[size] and kinds.count("none") == len(mine) - bad
+        assert (kinds.count("wrong"), kinds.count("broken")) == ((bad + 1) // 2, bad // 2)
+        for sample in mine:
+            question, answer = (m["content"] for m in sample["messages"][1:])
+            corruption = sample["meta"]["corruption"]
+            assert sample["meta"]["clean_label"] == int(corruption == "none")
+            if corruption == "none":
+                assert answer == right[question]
+            elif corruption == "broken":
+                assert answer == right[question][:len(right[question]) // 2]
+            else:
+                assert answer != right[question] and answer in right.values()
+    asked = {s["messages"][1]["content"] for s in task.pool}
+    assert set(task.valid) == set(task.held_out) == set(TARGETS)
+    for name in TARGETS:
+        questions = [s["messages"][1]["content"] for s in task.valid[name] + task.held_out[name]]
+        counts = (len(task.valid[name]), len(task.held_out[name]))
+        assert counts == (TARGETED_VALID[size], TARGETED_HELD_OUT[size])
+        assert len(set(questions)) == len(questions) and not asked.intersection(questions)
+        assert all(s["messages"][2]["content"] == right[s["messages"][1]["content"]]
+                   for s in task.valid[name] + task.held_out[name])
+    assert in_words(37) == "thirty-seven" and in_words(40) == "forty" and in_words(13) == "thirteen"
+
+
+def test_targeted_generator_is_pinned():
+    # Committed before any method ran on it: a change of the generator changes this digest.
+    task = make_targeted("full", 0)
+    digest = hashlib.sha256(repr((task.pool, task.valid, task.held_out)).encode()).hexdigest()
+    assert digest == "074bde2c518dc11463f3e8cff4cdfffd9019c5ea9524210a957c1cf59ebb9dcc"
