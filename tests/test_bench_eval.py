@@ -104,3 +104,26 @@ def test_downstream_runs_the_methods_asked_for(model_dir, tmp_path):
     with pytest.raises(SystemExit, match=r"unknown downstream method.*lora-tracin"):
         run_eval(_args("--task", "downstream", "--model", str(model_dir), "--out", str(tmp_path),
                        "--methods", "random,lora-tracin"))
+
+
+def test_targeted_selects_for_each_target_fine_tunes_and_compares(model_dir, tmp_path):
+    from forvalue.bench.evals.targeted_task import TARGETS
+
+    methods = ["forvalue-response-precond-valid-cosine-skip", "rds-plus-round-robin", "lora-less", "random",
+               "ceiling"]
+    result = run_eval(_args("--task", "targeted", "--model", str(model_dir), "--out", str(tmp_path),
+                            "--seeds", "1", "--seed", "2", "--methods", ",".join(methods)))
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["seeds"] == [2] and set(written["methods"]) == set(TARGETS) == set(result["methods"])
+    for target, by_method in written["methods"].items():
+        assert list(by_method) == methods
+        for name, m in by_method.items():
+            assert 0 <= m["exact_match_mean"] <= 1 and np.isfinite(m["nll_mean"]), (target, name)
+            assert 0 <= m["target_share_mean"] <= 1 and 0 <= m["clean_share_mean"] <= 1
+        assert by_method["ceiling"]["target_share_mean"] == by_method["ceiling"]["clean_share_mean"] == 1.0
+        assert by_method["random"]["target_share_mean"] < 1
+        compared = written["comparisons"][target]["lora-less vs random"]
+        assert {"exact_match_gain", "exact_match_beats", "nll_gain", "nll_beats"} == set(compared)
+    with pytest.raises(SystemExit, match=r"unknown targeted method.*lora-tracin"):
+        run_eval(_args("--task", "targeted", "--model", str(model_dir), "--out", str(tmp_path),
+                       "--methods", "random,lora-tracin"))

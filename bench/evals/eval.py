@@ -238,11 +238,12 @@ def write_outputs(out: Path, result: dict[str, Any], values: dict[str, np.ndarra
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``forvalue eval``."""
-    parser.add_argument("--task", required=True, choices=[*TASKS, "all", *CORRUPTIONS, VLM_TASK],
+    parser.add_argument("--task", required=True, choices=[*TASKS, "all", *CORRUPTIONS, "targeted", VLM_TASK],
                         help="the task to run; 'all' runs each text task into OUT/TASK/; 'downstream' "
                              "selects from a noisy pool with several methods, fine-tunes on each "
                              "selection and tests on held-out questions (--seeds seeds); "
                              "'downstream-facts' the same with wrong facts as the corruption; "
+                             "'targeted' selects for each target kind among six (bench/evals/targeted.py); "
                              f"'{VLM_TASK}' the image mislabel task (bench/evals/vlm_task.py) on an "
                              "image-text model")
     parser.add_argument("--per-class", choices=("all", "free"), default="all",
@@ -282,6 +283,10 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     if args.task in CORRUPTIONS:
         return _run_downstream(model, args, names, out)
+    if args.task == "targeted":
+        from .targeted import run_from_args
+
+        return run_from_args(model, args, names, out)
     if args.task != "all":
         return _run_task(model, args, args.task, names, out)
     tasks = {name: _run_task(model, args, name, names, out / name) for name in TASKS}

@@ -65,7 +65,9 @@ KINDS = {
                   lambda p: f"What is {in_words(p[0])} minus {in_words(p[1])}? Answer in words.",
                   lambda p: in_words(p[0] - p[1])),
 }
-TARGETS = ("swap", "initials", "plus")  # the kinds selected for, each in turn
+# The kinds selected for, each in turn: those where a clean-target selection measurably beats a
+# random one after the fine-tune (calibration: bench/results/quality.md, "Targeted selection").
+TARGETS = ("swap", "initials", "quote")
 SYSTEM = "You follow the instruction exactly and answer with the result only."
 CORRUPT_SHARE = 0.3
 POOL = {"small": 30, "full": 150}  # chats per kind
