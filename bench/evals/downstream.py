@@ -87,10 +87,10 @@ def select(model: Any, task: DownstreamTask, method: str, seed: int, lora_rank: 
         return list(range(n))
     if method == "random":
         # A stream of its own: Random(seed) would replay the pool's corruption draw.
-        return sorted(random.Random(f"select-{seed}").sample(range(n), budget))
+        return draw(list(range(n)), budget, f"select-{seed}")
     if method == "oracle-clean":
         clean = [i for i, s in enumerate(task.pool) if s["meta"]["clean_label"]]
-        return sorted(random.Random(f"oracle-{seed}").sample(clean, min(budget, len(clean))))
+        return draw(clean, budget, f"oracle-{seed}")
     if method.endswith(ROUND_ROBIN):
         from forvalue.engine.valuation.ranking import round_robin
 
@@ -98,6 +98,11 @@ def select(model: Any, task: DownstreamTask, method: str, seed: int, lora_rank: 
                                           pairwise=True), budget))
     values = _values(model, task, method, lora_rank)
     return sorted(np.argsort(-values, kind="stable")[:budget].tolist())
+
+
+def draw(indices: list[int], budget: int, key: str) -> list[int]:
+    """``budget`` of ``indices`` (all when fewer) drawn by a generator seeded with ``key``, sorted."""
+    return sorted(random.Random(key).sample(indices, min(budget, len(indices))))
 
 
 def _values(model: Any, task: DownstreamTask, method: str, lora_rank: int,

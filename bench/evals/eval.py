@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import numpy as np
 
 from forvalue.bindings.cli.options import add_valuation_arguments
 
-from ..common import machine
+from ..common import check_methods, machine, results_writer
 from . import baselines, metrics
 from .downstream import CORRUPTIONS, SELECTORS
 from .measure import Measurement, measure
@@ -328,28 +327,19 @@ def _run_downstream(model: Any, args: argparse.Namespace, names: list[str] | Non
                     out: Path) -> dict[str, Any]:
     from .downstream import DOWNSTREAM_SIZES, run_downstream
 
-    unknown = sorted(set(names or ()) - set(SELECTORS))
-    if unknown:
-        raise SystemExit(f"forvalue eval: unknown downstream method(s) {', '.join(unknown)}; "
-                         f"choose from {', '.join(SELECTORS)}")
+    check_methods(names, SELECTORS, "downstream")
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"{args.task} ({args.size}: pool, valid, held-out, steps = {DOWNSTREAM_SIZES[args.size]}), "
           f"seeds {seeds}", flush=True)
-    start, load_before = time.perf_counter(), os.getloadavg()[0]
-    out.mkdir(parents=True, exist_ok=True)
+    write = results_writer(out / "results.json", {"task": args.task, "model": args.model, "size": args.size,
+                                                  "seeds": seeds, "device": str(model.device)})
 
-    def write(found: dict[str, Any]) -> dict[str, Any]:
-        result = {"task": args.task, "model": args.model, "size": args.size, "seeds": seeds,
-                  "seeds_done": len(next(iter(found["runs"].values()))), **found,
-                  "seconds": time.perf_counter() - start, "device": str(model.device),
-                  "threads": _threads(), "machine": machine(),
-                  "load_average": [load_before, os.getloadavg()[0]]}
-        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-        return result
+    def write_done(found: dict[str, Any]) -> dict[str, Any]:
+        return write({"seeds_done": len(next(iter(found["runs"].values()))), **found})
 
-    result = write(run_downstream(model, args.size, seeds, lora_rank=args.lora_rank,
-                                  methods=tuple(names or SELECTORS), on_seed=write,
-                                  corruption=CORRUPTIONS[args.task]))
+    result = write_done(run_downstream(model, args.size, seeds, lora_rank=args.lora_rank,
+                                       methods=tuple(names or SELECTORS), on_seed=write_done,
+                                       corruption=CORRUPTIONS[args.task]))
     for name, m in result["methods"].items():
         print(f"{name:34s} nll {m['nll_mean']:.3f} +- {m['nll_std']:.3f}  exact {m['exact_match_mean']:.2f}"
               f"  fact nll {m['fact_nll_mean']:.3f} +- {m['fact_nll_std']:.3f}"

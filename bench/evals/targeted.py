@@ -16,9 +16,6 @@ deviation.
 
 from __future__ import annotations
 
-import json
-import os
-import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -28,8 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from forvalue.bench.common import machine
+from forvalue.bench.common import check_methods, results_writer
 
+from .downstream import draw
 from .methods import METHODS, Context
 from .targeted_task import KINDS, POOL, TARGETS, TargetedTask, make_targeted
 from .tasks import Task
@@ -51,11 +49,11 @@ def choose(model: Any, task: TargetedTask, target: str, method: str, seed: int, 
     if method == "pool":
         return list(range(n))
     if method == "random":
-        return sorted(random.Random(f"random/{seed}/{target}").sample(range(n), budget))
+        return draw(list(range(n)), budget, f"random/{seed}/{target}")
     if method == "ceiling":
         clean = [i for i, s in enumerate(task.pool)
                  if s["meta"]["kind"] == target and s["meta"]["clean_label"]]
-        return sorted(random.Random(f"ceiling/{seed}/{target}").sample(clean, min(budget, len(clean))))
+        return draw(clean, budget, f"ceiling/{seed}/{target}")
     name = method.removesuffix(ROUND_ROBIN)
     found = next(m for m in METHODS if m.name == name)
     ctx = Context(model, Task("targeted", "selection", task.pool, task.valid[target], loss_on="response"),
@@ -181,25 +179,14 @@ def compare(by_method: dict[str, list[dict[str, float]]]) -> dict[str, dict[str,
 
 def run_from_args(model: Any, args: Any, names: list[str] | None, out: Path) -> dict[str, Any]:
     """``forvalue eval --task targeted``: ``--seeds`` seeds from ``--seed``, ``--methods`` among
-    ``SELECTORS``; results.json rewritten after every seed, and a plot."""
-    unknown = sorted(set(names or ()) - set(SELECTORS))
-    if unknown:
-        raise SystemExit(f"forvalue eval: unknown targeted method(s) {', '.join(unknown)}; "
-                         f"choose from {', '.join(SELECTORS)}")
+    ``SELECTORS``; results.json rewritten after every seed."""
+    check_methods(names, SELECTORS, "targeted")
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"targeted ({args.size}: {POOL[args.size]} chats of each of {len(KINDS)} kinds, targets "
           f"{', '.join(TARGETS)}, {STEPS[args.size]} steps), seeds {seeds}", flush=True)
-    start, load_before = time.perf_counter(), os.getloadavg()[0]
-    out.mkdir(parents=True, exist_ok=True)
-
-    def write(found: dict[str, Any]) -> dict[str, Any]:
-        result = {"task": "targeted", "model": args.model, "size": args.size, "seeds": seeds,
-                  "budget": BUDGET, "steps": STEPS[args.size], **found,
-                  "seconds": time.perf_counter() - start, "machine": machine(),
-                  "load_average": [load_before, os.getloadavg()[0]]}
-        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-        return result
-
+    header = {"task": "targeted", "model": args.model, "size": args.size, "seeds": seeds, "budget": BUDGET,
+              "steps": STEPS[args.size]}
+    write = results_writer(out / "results.json", header)
     result = write(run_targeted(model, args.size, seeds, tuple(names or SELECTORS), args.lora_rank, write))
     for target, by_method in result["methods"].items():
         for name, m in by_method.items():
