@@ -19,9 +19,11 @@ the kernels do the vocabulary work as with the native backbone.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -95,6 +97,9 @@ class VllmBackbone:
                            pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL",
                                                       use_activation=False))
         self.num_layers, self.hidden_size = self.llm.apply_model(_Shape())[0]
+        # Shut the engine down while the interpreter is whole: left to vLLM's own finalizer, its
+        # teardown can race the interpreter's and abort a finished command (exit status 134).
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     def states(self, samples: Sequence[Sequence[int]], skip_layer: int | None = None) -> list[torch.Tensor]:
         """Each sample's states, on the host, in the order given."""
@@ -135,7 +140,12 @@ def _engine(vllm: Any, path: str, dtype: torch.dtype, options: VllmOptions, eage
 
 
 def _close(llm: Any) -> None:
-    llm.llm_engine.engine_core.shutdown()
+    llm.llm_engine.engine_core.shutdown()  # idempotent
+
+
+def _close_at_exit(backbone: weakref.ref) -> None:
+    if (alive := backbone()) is not None:
+        alive.close()
 
 
 def attach_vllm(model: ValuationModel, path: str, device: torch.device,
