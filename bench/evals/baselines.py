@@ -234,8 +234,7 @@ def mean_hidden_states(model: ValuationModel, samples: Sequence[dict], batch_siz
         batch = encoded[first:first + step]
         ids, mask = right_padded([s.input_ids for s in batch])
         hidden = model.hidden_states(ids, mask, batch[0].images if step == 1 else None).double().cpu()
-        weights = mask.double().cumsum(1) * mask if weighted else mask.double()  # right padded
-        weights = weights[:, :, None].double()
+        weights = (mask.double().cumsum(1) * mask if weighted else mask.double())[:, :, None]  # right padded
         out[first:first + len(batch)] = (hidden * weights).sum(1) / weights.sum(1)
     return out
 

@@ -244,7 +244,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _brief(info: dict[str, Any]) -> dict[str, Any]:
-    keys = ("folder", "samples", "deleted", "failed", "shards", "bytes", "bytes_per_sample", "merged_samples",
-            "least_energy_kept")
-    return {key: info[key] for key in keys if key in info}
+    keys = ("folder", "samples", "deleted", "failed", "shards", "bytes", "bytes_per_sample")
+    merging = ("merged_samples", "least_energy_kept")  # an index with max_tokens only
+    return {key: info[key] for key in keys} | {key: info[key] for key in merging if key in info}
 

@@ -63,18 +63,14 @@ class ShardWriter:
 
     def _write(self, source: int, samples: Sequence[dict], rows: list[int]) -> None:
         failures: list[SampleError] = []
-        stored: dict[int, tuple] = {}  # position: (hidden, errors, gram, label tokens, energy kept)
-        moments: dict[int, torch.Tensor] = {}  # position: its label states' sum h h^T, as stored
+        # position: (hidden, errors, gram, energy kept, the label states before merging)
+        stored: dict[int, tuple] = {}
         for batch in self.valuator.each_label_states(subset_of(samples, rows), failures):
             encoded = encode(batch, self.valuator.math, self.sketch)
             for states, hidden, errors, gram in zip(batch, *split(encoded), strict=True):
-                if self.max_tokens is None:
-                    stored[states.index] = (hidden, errors, gram, len(hidden), 1.0)
-                    continue
-                # the pool's moments are of the states before merging: a query's P is the same
-                moments[states.index] = moment_sum(hidden.to(self.storage))
-                merged = merge_tokens(hidden, errors, gram, self.max_tokens)
-                stored[states.index] = (*merged[:3], len(hidden), merged[3])
+                merged = (hidden, errors, gram, 1.0) if self.max_tokens is None else \
+                    merge_tokens(hidden, errors, gram, self.max_tokens)
+                stored[states.index] = (*merged, hidden)
         kept = sorted(stored)
         number = len(self.manifest["shards"])
         entry = {"file": None, "source": source, "rows": [rows[0], rows[-1] + 1],
@@ -83,23 +79,27 @@ class ShardWriter:
             entry["file"] = f"shard-{number:05d}.safetensors"
             ids = [sample_id_of(samples[rows[i]], default_id(source, rows[i])) for i in kept]
             metas = [sample_metadata(samples[rows[i]]) for i in kept]
-            write_shard(self.folder / entry["file"], self._tensors(stored, kept, rows, moments), ids, metas)
+            write_shard(self.folder / entry["file"], self._tensors(stored, kept, rows), ids, metas)
         self.manifest["failed"].extend({"source": source, "row": rows[e.index], "id": e.sample_id,
                                         "error": str(e)} for e in failures)
         self.manifest["shards"].append(entry)
         write_manifest(self.folder, self.manifest)
 
-    def _tensors(self, stored: dict[int, tuple], kept: list[int], rows: list[int],
-                 moments: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
-        hidden, errors, gram = (torch.cat([stored[i][part] for i in kept]) for part in range(3))
-        hidden = hidden.to(self.storage)
-        tensors = {"hidden": hidden, "errors": errors.to(self.storage), "gram": gram,
+    def _tensors(self, stored: dict[int, tuple], kept: list[int], rows: list[int]) -> dict[str, torch.Tensor]:
+        def column(part: int) -> torch.Tensor:
+            return torch.cat([stored[i][part] for i in kept])
+
+        hidden, errors, gram = column(0), column(1), column(2)
+        # The pool's moments are of the states before merging (a query's P is the unmerged
+        # index's), as stored: without merging, of exactly what the shard holds.
+        unmerged = hidden if self.max_tokens is None else column(4)
+        tensors = {"hidden": hidden.to(self.storage), "errors": errors.to(self.storage), "gram": gram,
                    "sizes": torch.tensor([len(stored[i][0]) for i in kept]),
                    "rows": torch.tensor([rows[i] for i in kept]),
-                   "moment_sum": sum(moments[i] for i in kept) if moments else moment_sum(hidden)}
+                   "moment_sum": moment_sum(unmerged.to(self.storage))}
         if self.max_tokens is not None:
-            tensors["counts"] = torch.tensor([stored[i][3] for i in kept])
-            tensors["energy_kept"] = torch.tensor([stored[i][4] for i in kept], dtype=torch.float32)
+            tensors["counts"] = torch.tensor([len(stored[i][4]) for i in kept])
+            tensors["energy_kept"] = torch.tensor([stored[i][3] for i in kept], dtype=torch.float32)
         return tensors
 
 
