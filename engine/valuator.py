@@ -140,7 +140,7 @@ class Valuator:
         matrix = np.full((len(train), len(valid)), np.nan)
         if rows and cols:
             pre = self._preconditioner(cols, errors, own_side=True)
-            norms = [[self.math.norm(s, self.normalize, pre) for s in side] for side in (rows, cols)]
+            norms = [self.math.norms(side, self.normalize, pre) for side in (rows, cols)]
             raw = self._pairwise_raw(self._in_space(rows, pre), self._in_space(cols, pre), route,
                                      self.math.head(pre))
             raw /= np.outer(*norms)
@@ -154,8 +154,8 @@ class Valuator:
         states = self._all_states(samples, errors, failures, "self-value")
         if states:
             pre = self._preconditioner(states, errors, own_side=False)
-            for item in states:
-                norm = self.math.norm(item, self.normalize, pre)
+            norms = self.math.norms(states, self.normalize, pre)
+            for item, norm in zip(states, norms, strict=True):
                 values[item.index] = self.math.squared_norm(item, pre) / norm ** 2
         return self._result(errors, failures, values)
 

@@ -14,16 +14,18 @@ from .triton_utils import HAVE_TRITON
 def error_gram_torch(Ha: torch.Tensor, la: torch.Tensor, Hb: torch.Tensor, lb: torch.Tensor,
                      W: torch.Tensor, transform: LogitTransform) -> torch.Tensor:
     # Both sides in one pass: stack the tokens so each vocabulary chunk is one GEMM for the
-    # logits and one for the gram, and no T x V block ever exists.
+    # logits and one for the gram, and no T x V block ever exists. A gram of one token set
+    # with itself (a squared norm) computes its errors once.
     dtype = compute_dtype(Ha, Hb, W)
-    H = torch.cat([Ha.to(dtype), Hb.to(dtype)])
-    labels = torch.cat([la, lb])
+    same = Ha is Hb and la is lb
+    H = Ha.to(dtype) if same else torch.cat([Ha.to(dtype), Hb.to(dtype)])
+    labels = la if same else torch.cat([la, lb])
     lse, _ = logsumexp_torch(H, W, labels, transform)
     Ta = Ha.shape[0]
     out = torch.zeros((Ta, Hb.shape[0]), dtype=dtype, device=H.device)
     for chunk in vocab_chunks(H, W, transform, dtype):
         error = chunk_error(chunk, labels, lse)
-        out += error[:Ta] @ error[Ta:].T
+        out += error[:Ta] @ (error if same else error[Ta:]).T
     return out
 
 

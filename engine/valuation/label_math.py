@@ -64,27 +64,39 @@ class LabelMath:
         return gradient.to(self.dtype)
 
     def squared_norm(self, states: LabelStates, pre: Preconditioner | None = None) -> float:
-        """``||G(x)||^2 = v(x, x)`` (``v_P`` with a preconditioner) by the token gram or the
-        ``V x d`` matrix, whichever costs less; computed once and kept on ``states``."""
-        if states.squared_norm is None:
-            white, weight = self.whiten(states, pre), self.head(pre)
-            hidden, labels = white.hidden, white.labels
-            if gram_is_cheaper(len(labels), len(labels), self.model.hidden_size):
-                gram = kernels.error_gram(hidden, labels, hidden, labels, weight, **self.kernel_kwargs())
-                products = gram.double() * hidden_gram(hidden, hidden, torch.float64)
-                states.squared_norm = float(products.sum())
-            else:
-                gradient = kernels.error_outer(hidden, weight, labels, **self.kernel_kwargs())
-                states.squared_norm = float(gradient.double().square().sum())
-        return states.squared_norm
+        """``||G(x)||^2 = v(x, x)`` (``v_P`` with a preconditioner); computed once and kept on
+        ``states``."""
+        return self.squared_norms([states], pre)[0]
 
-    def norm(self, states: LabelStates, normalize: str, pre: Preconditioner | None = None) -> float:
-        """The divisor of ``G(x)`` under ``normalize``: 1, the label count or ``||G(x)||``."""
+    def squared_norms(self, batch: list[LabelStates], pre: Preconditioner | None = None) -> list[float]:
+        """``||G(x)||^2`` of each sample. Short samples go together through one token gram
+        (its diagonal blocks): each vocabulary chunk of the head is then read once per group,
+        not once per sample; a sample too long for its gram runs alone through ``G(x)``."""
+        todo = [s for s in batch if s.squared_norm is None]
+        width = todo[0].hidden.shape[1] if todo else 0
+        for group in token_groups(todo, budget=width // 2):
+            white = [self.whiten(s, pre) for s in group]
+            if len(group) == 1 and not gram_is_cheaper(len(group[0].labels), len(group[0].labels), width):
+                gradient = kernels.error_outer(white[0].hidden, self.head(pre), white[0].labels,
+                                               **self.kernel_kwargs())
+                group[0].squared_norm = float(gradient.double().square().sum())
+                continue
+            hidden, labels, sizes = stack(white)
+            gram = kernels.error_gram(hidden, labels, hidden, labels, self.head(pre), **self.kernel_kwargs())
+            products = gram.double() * hidden_gram(hidden, hidden, torch.float64)
+            for states, block in zip(group, diagonal_blocks(products, sizes), strict=True):
+                states.squared_norm = float(block.sum())
+        return [s.squared_norm for s in batch]
+
+    def norms(self, batch: list[LabelStates], normalize: str,
+              pre: Preconditioner | None = None) -> list[float]:
+        """The divisor of ``G(x)`` under ``normalize`` for each sample: 1, the label count or
+        ``||G(x)||``."""
         if normalize == "mean":
-            return float(len(states.positions))
+            return [float(len(s.positions)) for s in batch]
         if normalize == "cosine":
-            return self.squared_norm(states, pre) ** 0.5
-        return 1.0
+            return [n ** 0.5 for n in self.squared_norms(batch, pre)]
+        return [1.0] * len(batch)
 
 
 def gram_is_cheaper(train_tokens: int, valid_tokens: int, hidden_size: int) -> bool:
@@ -99,6 +111,26 @@ def stack(states: list[LabelStates]) -> tuple[torch.Tensor, torch.Tensor, list[i
     """The label tokens of several samples, one after another, and each sample's count."""
     sizes = [len(s.positions) for s in states]
     return torch.cat([s.hidden for s in states]), torch.cat([s.labels for s in states]), sizes
+
+
+def token_groups(batch: list[LabelStates], budget: int) -> list[list[LabelStates]]:
+    """Consecutive samples in groups of at most ``budget`` label tokens (a longer sample
+    alone): the group's gram, ``budget^2 V``, stays below half its logits' ``budget V d``."""
+    groups: list[list[LabelStates]] = []
+    tokens = budget + 1
+    for states in batch:
+        size = len(states.positions)
+        if tokens + size > budget:
+            groups.append([])
+            tokens = 0
+        groups[-1].append(states)
+        tokens += size
+    return groups
+
+
+def diagonal_blocks(matrix: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    ends = torch.tensor(sizes).cumsum(0).tolist()
+    return [matrix[end - size:end, end - size:end] for size, end in zip(sizes, ends, strict=True)]
 
 
 def hidden_gram(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

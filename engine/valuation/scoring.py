@@ -33,8 +33,8 @@ class ResidentReference:
     def token_scores(self, batch: list[LabelStates]) -> list[torch.Tensor]:
         """Each sample's normalised ``s_t`` (float64, CPU): ``<G(a), Gbar P> = sum_t s_t``."""
         per_token = self.math.token_scores(batch, self.matrix)
-        return [scores / self.math.norm(states, self.normalize, self.preconditioner)
-                for states, scores in zip(batch, per_token, strict=True)]
+        norms = self.math.norms(batch, self.normalize, self.preconditioner)
+        return [scores / norm for scores, norm in zip(per_token, norms, strict=True)]
 
 
 class ReferenceBuilder:
@@ -105,6 +105,6 @@ class ReferenceBuilder:
         return Preconditioner(self.moments.moment_sum, self.moments.tokens, self.damping)
 
     def _accumulate(self, batch: list[LabelStates]) -> None:
-        weights = [1.0 / self.math.norm(s, self.normalize, self._preconditioner) for s in batch]
+        weights = [1.0 / norm for norm in self.math.norms(batch, self.normalize, self._preconditioner)]
         self.gradient_sum += self.math.gradient_sum(batch, weights)
         self.count += len(batch)
