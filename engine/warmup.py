@@ -69,18 +69,24 @@ def lora_copy(model: ValuationModel, *, rank: int = 8, alpha: int = 16, seed: in
     return LoraCopy(peft_model, backbone, params)
 
 
-def label_nll(model: ValuationModel, backbone: torch.nn.Module, samples: list[EncodedSample]) -> torch.Tensor:
-    """Per-sample mean negative log-likelihood of the labels, ``(batch,)``, with grad."""
+def label_logits(model: ValuationModel, backbone: torch.nn.Module,
+                 samples: list[EncodedSample]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per sample the logits that predict its labels, ``(n_labels, vocab)``, and the labels."""
     ids, mask = right_padded([s.input_ids for s in samples])
     hidden = backbone(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                       use_cache=False).last_hidden_state
-    losses = []
+    out = []
     for row, s in enumerate(samples):
         positions = torch.tensor(s.label_positions(), device=model.device)
-        logp = torch.log_softmax(model.logits(hidden[row, positions - 1], model.head_weight), dim=-1)
         labels = torch.tensor([s.input_ids[k] for k in s.label_positions()], device=model.device)
-        losses.append(-logp.gather(1, labels[:, None]).mean())
-    return torch.stack(losses)
+        out.append((model.logits(hidden[row, positions - 1], model.head_weight), labels))
+    return out
+
+
+def label_nll(model: ValuationModel, backbone: torch.nn.Module, samples: list[EncodedSample]) -> torch.Tensor:
+    """Per-sample mean negative log-likelihood of the labels, ``(batch,)``, with grad."""
+    return torch.stack([torch.nn.functional.cross_entropy(logits, labels)
+                        for logits, labels in label_logits(model, backbone, samples)])
 
 
 def train_lora(model: ValuationModel, lora: LoraCopy, samples: list[EncodedSample], *, epochs: int = 1,

@@ -110,11 +110,19 @@ def test_targeted_selects_for_each_target_fine_tunes_and_compares(model_dir, tmp
     from forvalue.bench.evals.targeted_task import TARGETS
 
     methods = ["forvalue-response-precond-valid-cosine-skip", "rds-plus-round-robin", "lora-less", "random",
-               "ceiling"]
-    result = run_eval(_args("--task", "targeted", "--model", str(model_dir), "--out", str(tmp_path),
-                            "--seeds", "1", "--seed", "2", "--methods", ",".join(methods)))
+               "ceiling", "pool"]
+    args = ("--task", "targeted", "--model", str(model_dir), "--out", str(tmp_path),
+            "--methods", ",".join(methods))
+    result = run_eval(_args(*args, "--seeds", "1", "--seed", "2"))
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["seeds"] == [2] and set(written["methods"]) == set(TARGETS) == set(result["methods"])
+    # A second run with a seed more keeps the first seed's runs and adds the new seed's.
+    resumed = run_eval(_args(*args, "--seeds", "2", "--seed", "2"))
+    assert resumed["seeds"] == [2, 3] and resumed["earlier_seconds"] == written["seconds"]
+    for target in TARGETS:
+        for name in methods:
+            first, *more = resumed["runs"][target][name]
+            assert first == written["runs"][target][name][0] and [r["seed"] for r in more] == [3]
     for target, by_method in written["methods"].items():
         assert list(by_method) == methods
         for name, m in by_method.items():
@@ -127,3 +135,23 @@ def test_targeted_selects_for_each_target_fine_tunes_and_compares(model_dir, tmp
     with pytest.raises(SystemExit, match=r"unknown targeted method.*lora-tracin"):
         run_eval(_args("--task", "targeted", "--model", str(model_dir), "--out", str(tmp_path),
                        "--methods", "random,lora-tracin"))
+
+
+def test_targeted_values_shared_across_targets_equal_each_targets_own(model_dir):
+    """A method valued once against every target's validation chats, then sliced, gives the
+    values it gives against one target's chats alone."""
+    from forvalue.bench.evals import targeted
+    from forvalue.bench.evals.methods import Context
+    from forvalue.bench.evals.targeted_task import make_targeted
+    from forvalue.bench.evals.tasks import Task
+    from forvalue.engine import load_model
+
+    model, task = load_model(str(model_dir)), make_targeted("small", 0)
+    for method in (m for m in METHODS if m.name in ("forvalue-response", "rds-plus")):
+        cache = {}
+        for target in targeted.TARGETS:
+            shared = targeted.method_values(model, task, target, method.name, 8, cache)
+            ctx = Context(model, Task("t", "selection", task.pool, task.valid[target], loss_on="response"),
+                          loss_on="response", lora_rank=8, progress=False)
+            alone = np.asarray(method.pairwise(ctx))
+            np.testing.assert_allclose(shared, alone, rtol=1e-5, atol=1e-6 * np.abs(alone).max())

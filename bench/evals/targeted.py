@@ -16,9 +16,9 @@ deviation.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +37,15 @@ STEPS = {"small": 12, "full": 24}  # fine-tuning steps of batch 4 on every selec
 VALUED = ("forvalue-response-precond-valid-cosine-skip", "forvalue-response", "lora-less", "rds-plus")
 ROUND_ROBIN = "-round-robin"
 SELECTORS = (*VALUED, *(m + ROUND_ROBIN for m in VALUED), "random", "pool", "ceiling")
+# Values of a pair that do not depend on the other validation chats (no preconditioner from
+# them): LESS's training gradients are the warm-up's, the same for every target.
+PER_PAIR = ("forvalue-response", "lora-less", "rds-plus")
+BY_MAX = ("rds-plus",)  # RDS+ scores a pool sample by its best cosine over the target's samples
 METRICS = {"exact_match": 1, "nll": -1}  # higher is better (1) or lower (-1)
 
 
 def choose(model: Any, task: TargetedTask, target: str, method: str, seed: int, lora_rank: int,
-           cache: dict[str, Any]) -> list[int]:
+           cache: dict[Any, Any]) -> list[int]:
     """Indices of the pool samples ``method`` keeps for ``target``. ``cache``: what one seed's
     methods share across targets (LESS's training gradients are computed once per seed)."""
     n = len(task.pool)
@@ -54,108 +58,160 @@ def choose(model: Any, task: TargetedTask, target: str, method: str, seed: int, 
         clean = [i for i, s in enumerate(task.pool)
                  if s["meta"]["kind"] == target and s["meta"]["clean_label"]]
         return draw(clean, budget, f"ceiling/{seed}/{target}")
-    name = method.removesuffix(ROUND_ROBIN)
-    found = next(m for m in METHODS if m.name == name)
-    ctx = Context(model, Task("targeted", "selection", task.pool, task.valid[target], loss_on="response"),
-                  loss_on="response", lora_rank=lora_rank, progress=False)
-    if found.uses_lora:
-        ctx.lora = target_gradients(model, task, target, lora_rank, cache)
+    values = method_values(model, task, target, method.removesuffix(ROUND_ROBIN), lora_rank, cache)
     if method.endswith(ROUND_ROBIN):
         from forvalue.engine.valuation.ranking import round_robin
 
-        pairs = found.pairwise(ctx) if found.pairwise is not None else found.run(ctx)
-        return sorted(round_robin(np.asarray(pairs), budget))
-    values = ctx.reduce(np.asarray(found.run(ctx)))
-    return sorted(np.argsort(-values, kind="stable")[:budget].tolist())
+        return sorted(round_robin(values, budget))
+    top = values.max(axis=1) if method.startswith(BY_MAX) else values.mean(axis=1)
+    return sorted(np.argsort(-top, kind="stable")[:budget].tolist())
 
 
-def target_gradients(model: Any, task: TargetedTask, target: str, lora_rank: int,
-                     cache: dict[str, Any]) -> Any:
-    """The LoRA gradients of the pool and of ``target``'s validation chats: one warm-up and one
-    pass over the pool per seed, every target's validation chats taken with them."""
+def method_values(model: Any, task: TargetedTask, target: str, name: str, lora_rank: int,
+                  cache: dict[Any, Any]) -> np.ndarray:
+    """The pool's values against each of ``target``'s validation chats, ``(pool, valid)``,
+    computed once for both strategies. ``top`` ranks by their mean, which is the value against
+    the validation set as a whole (For-Value's reference and LESS's score are linear in the
+    validation side; the cosine divides each validation gradient by its norm first), or, for
+    RDS+, by their max, as its authors aggregate. A method whose value for a pair does not
+    depend on the other validation chats runs once per seed against every target's chats."""
+    found = next(m for m in METHODS if m.name == name)
+    shared = name in PER_PAIR
+    key = name if shared else (target, name)
+    if key not in cache:
+        valid = [chat for t in TARGETS for chat in task.valid[t]] if shared else task.valid[target]
+        ctx = Context(model, Task("targeted", "selection", task.pool, valid, loss_on="response"),
+                      loss_on="response", lora_rank=lora_rank, progress=False)
+        if found.uses_lora:
+            ctx.lora = lora_gradients(model, task, lora_rank, cache)
+        cache[key] = np.asarray((found.pairwise or found.run)(ctx))
+    return cache[key][:, target_columns(task, target)] if shared else cache[key]
+
+
+def lora_gradients(model: Any, task: TargetedTask, lora_rank: int, cache: dict[Any, Any]) -> Any:
+    """The LoRA gradients of the pool and of every target's validation chats: one warm-up and
+    one pass over the pool per seed."""
     from . import baselines
 
     if "lora" not in cache:
         valid = [chat for t in TARGETS for chat in task.valid[t]]
         cache["lora"] = baselines.lora_gradients(model, task.pool, valid, loss_on="response", rank=lora_rank)
+    return cache["lora"]
+
+
+def target_columns(task: TargetedTask, target: str) -> slice:
+    """``target``'s validation chats among every target's, in TARGETS order."""
     first = sum(len(task.valid[t]) for t in TARGETS[:TARGETS.index(target)])
-    grads = cache["lora"]
-    return replace(grads, valid=grads.valid[first:first + len(task.valid[target])])
+    return slice(first, first + len(task.valid[target]))
 
 
-def fine_tune_and_test(model: Any, chats: list[dict], held_out: list[dict], steps: int, seed: int,
-                       lora_rank: int) -> dict[str, float]:
-    """LoRA for ``steps`` steps on ``chats``, then the held-out chats' exact match and NLL."""
-    from forvalue.engine.inputs.samples import encode_sample
-    from forvalue.engine.warmup import label_nll, lora_copy, train_lora
-
-    def encode(samples: list[dict]) -> list[Any]:
-        return [encode_sample(s, model.tokenizer, where=f"chat {i}", context_length=model.context_length)
-                for i, s in enumerate(samples)]
+def fine_tune(model: Any, chats: list[dict], steps: int, seed: int, lora_rank: int) -> Any:
+    """A LoRA copy of the model after ``steps`` steps on ``chats``."""
+    from forvalue.engine.warmup import lora_copy, train_lora
 
     lora = lora_copy(model, rank=lora_rank, seed=seed)
     with torch.enable_grad():
-        train_lora(model, lora, encode(chats), steps=steps, lr=1e-3, seed=seed)
-    with torch.no_grad():
-        encoded = encode(held_out)
-        nll = float(torch.cat([label_nll(model, lora.backbone, encoded[i:i + 8])
-                               for i in range(0, len(encoded), 8)]).mean())
-        exact = float(np.mean([greedy_answer(model, lora, s) == s["messages"][-1]["content"]
-                               for s in held_out]))
-    return {"exact_match": exact, "nll": nll}
+        train_lora(model, lora, encode(model, chats), steps=steps, lr=1e-3, seed=seed)
+    return lora
 
 
-def greedy_answer(model: Any, lora: Any, chat: dict) -> str:
-    """The fine-tuned model's greedy reply to the chat without its last (assistant) message,
-    up to the end of its turn or line."""
+def encode(model: Any, chats: list[dict]) -> list[Any]:
+    from forvalue.engine.inputs.samples import encode_sample
+
+    return [encode_sample(s, model.tokenizer, where=f"chat {i}", context_length=model.context_length)
+            for i, s in enumerate(chats)]
+
+
+def held_out_scores(model: Any, lora: Any, held_out: list[dict], batch: int = 16) -> dict[str, float]:
+    """The mean NLL of the held-out answers and the exact match of the greedy answers. A chat
+    whose every answer token (its end of turn included) is the argmax under teacher forcing
+    is answered exactly by greedy decoding, so only the others are decoded, in batches."""
+    from forvalue.engine.warmup import label_logits
+
+    nlls, decode = [], []
+    encoded = encode(model, held_out)
+    for first in range(0, len(encoded), batch):
+        scored = label_logits(model, lora.backbone, encoded[first:first + batch])
+        for row, (logits, labels) in enumerate(scored):
+            nlls.append(float(torch.nn.functional.cross_entropy(logits, labels)))
+            if not bool((logits.argmax(-1) == labels).all()):
+                decode.append(first + row)
+    answers = [answer for first in range(0, len(decode), batch)
+               for answer in greedy_answers(model, lora, [held_out[i] for i in decode[first:first + batch]])]
+    right = sum(answer == held_out[i]["messages"][-1]["content"]
+                for i, answer in zip(decode, answers, strict=True))
+    exact = (len(held_out) - len(decode) + right) / len(held_out)
+    return {"exact_match": exact, "nll": float(np.mean(nlls))}
+
+
+def greedy_answers(model: Any, lora: Any, chats: list[dict]) -> list[str]:
+    """The fine-tuned model's greedy replies to the chats without their last (assistant)
+    message, each up to the end of its turn or line (prompts left-padded into one batch)."""
     from forvalue.engine.inputs.chat import render
 
     tokenizer = model.tokenizer
-    text = render(tokenizer, chat["messages"][:-1], prompt=True)
-    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
-    limit = len(tokenizer(chat["messages"][-1]["content"], add_special_tokens=False)["input_ids"]) + 4
-    output = lora.peft_model.generate(input_ids=torch.tensor([prompt], device=model.device),
-                                      attention_mask=torch.ones((1, len(prompt)), dtype=torch.long,
-                                                                device=model.device),
-                                      max_new_tokens=limit, do_sample=False,
-                                      pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(output[0, len(prompt):], skip_special_tokens=True).strip().split("\n")[0].strip()
+    texts = [render(tokenizer, chat["messages"][:-1], prompt=True) for chat in chats]
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    limit = max(len(tokenizer(chat["messages"][-1]["content"], add_special_tokens=False)["input_ids"])
+                for chat in chats) + 4
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    output = lora.peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=limit,
+                                      do_sample=False, pad_token_id=pad)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip().split("\n")[0].strip()
+            for row in output]
 
 
 def run_targeted(model: Any, size: str, seeds: list[int], methods: tuple[str, ...] = SELECTORS,
-                 lora_rank: int = 8,
+                 lora_rank: int = 8, done: dict[str, Any] | None = None,
                  on_seed: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Every method for every target on every seed; ``on_seed`` gets the summary so far after
-    each seed (a long run loses nothing when cut)."""
-    runs: dict[str, dict[str, list[dict[str, float]]]] = {t: {m: [] for m in methods} for t in TARGETS}
+    """Every method for every target on every seed; ``done``: the ``runs`` of seeds already
+    run (they are kept, not rerun); ``on_seed`` gets the summary so far after each seed (a long
+    run loses nothing when cut)."""
+    runs = done or {t: {m: [] for m in methods} for t in TARGETS}
     for seed in seeds:
+        if any(r["seed"] == seed for r in runs[TARGETS[0]][methods[0]]):
+            continue
         task, cache = make_targeted(size, seed), {}
         for target in TARGETS:
             for method in methods:
-                start = time.perf_counter()
-                chosen = choose(model, task, target, method, seed, lora_rank, cache)
-                selected = time.perf_counter() - start
-                meta = [task.pool[i]["meta"] for i in chosen]
-                metrics = fine_tune_and_test(model, [task.pool[i] for i in chosen], task.held_out[target],
-                                             STEPS[size], seed, lora_rank)
-                runs[target][method].append({
-                    **metrics, "target_share": float(np.mean([m["kind"] == target for m in meta])),
-                    "clean_share": float(np.mean([m["clean_label"] for m in meta])),
-                    "select_seconds": selected, "seconds": time.perf_counter() - start})
-                print(f"  seed {seed} {target} {method}: exact {metrics['exact_match']:.2f}, "
-                      f"nll {metrics['nll']:.3f}, target {runs[target][method][-1]['target_share']:.2f}, "
-                      f"clean {runs[target][method][-1]['clean_share']:.2f} "
-                      f"({time.perf_counter() - start:.0f} s)", flush=True)
+                run = one_run(model, task, target, method, seed, STEPS[size], lora_rank, cache)
+                runs[target][method].append(run)
+                print(f"  seed {seed} {target} {method}: exact {run['exact_match']:.2f}, "
+                      f"nll {run['nll']:.3f}, target {run['target_share']:.2f}, "
+                      f"clean {run['clean_share']:.2f} ({run['seconds']:.0f} s)", flush=True)
         if on_seed is not None:
             on_seed(summary(runs))
     return summary(runs)
+
+
+def one_run(model: Any, task: TargetedTask, target: str, method: str, seed: int, steps: int, lora_rank: int,
+            cache: dict[Any, Any]) -> dict[str, float]:
+    """Select for ``target`` with ``method``, fine-tune on the selection, test on the target's
+    held-out chats. The whole pool's fine-tune is the same for every target: once per seed."""
+    start = time.perf_counter()
+    chosen = choose(model, task, target, method, seed, lora_rank, cache)
+    selected = time.perf_counter() - start
+    lora = cache.get("pool-lora") if method == "pool" else None
+    if lora is None:
+        lora = fine_tune(model, [task.pool[i] for i in chosen], steps, seed, lora_rank)
+        if method == "pool":
+            cache["pool-lora"] = lora
+    with torch.no_grad():
+        metrics = held_out_scores(model, lora, task.held_out[target])
+    meta = [task.pool[i]["meta"] for i in chosen]
+    return {"seed": seed, **metrics, "target_share": float(np.mean([m["kind"] == target for m in meta])),
+            "clean_share": float(np.mean([m["clean_label"] for m in meta])),
+            "select_seconds": selected, "seconds": time.perf_counter() - start}
 
 
 def summary(runs: dict[str, dict[str, list[dict[str, float]]]]) -> dict[str, Any]:
     """Per target and method the mean and std of each number; per target the pairwise
     comparisons (paired over seeds) on each metric."""
     means = {t: {m: {f"{k}_{s}": float(getattr(np, s)([r[k] for r in rs]))
-                     for k in rs[0] for s in ("mean", "std")}
+                     for k in rs[0] if k != "seed" for s in ("mean", "std")}
                  for m, rs in by_method.items() if rs} for t, by_method in runs.items()}
     return {"methods": means, "runs": runs, "comparisons": {t: compare(by) for t, by in runs.items()}}
 
@@ -185,12 +241,34 @@ def run_from_args(model: Any, args: Any, names: list[str] | None, out: Path) -> 
     print(f"targeted ({args.size}: {POOL[args.size]} chats of each of {len(KINDS)} kinds, targets "
           f"{', '.join(TARGETS)}, {STEPS[args.size]} steps), seeds {seeds}", flush=True)
     header = {"task": "targeted", "model": args.model, "size": args.size, "seeds": seeds, "budget": BUDGET,
-              "steps": STEPS[args.size]}
+              "steps": STEPS[args.size], "lora_rank": args.lora_rank}
+    methods = tuple(names or SELECTORS)
+    prior = earlier_run(out / "results.json", header, methods)
+    if prior is not None:
+        done = sorted({r["seed"] for r in prior["runs"][TARGETS[0]][methods[0]]})
+        print(f"resuming {out / 'results.json'}: seeds {done} done", flush=True)
+        header["seeds"] = sorted({*done, *seeds})
+        header["earlier_seconds"] = prior["seconds"] + prior.get("earlier_seconds", 0.0)
     write = results_writer(out / "results.json", header)
-    result = write(run_targeted(model, args.size, seeds, tuple(names or SELECTORS), args.lora_rank, write))
+    result = write(run_targeted(model, args.size, seeds, methods, args.lora_rank,
+                                prior and prior["runs"], write))
     for target, by_method in result["methods"].items():
         for name, m in by_method.items():
             print(f"{target:9s} {name:58s} exact {m['exact_match_mean']:.2f} +- {m['exact_match_std']:.2f}  "
                   f"nll {m['nll_mean']:.3f}  target {m['target_share_mean']:.2f}  "
                   f"clean {m['clean_share_mean']:.2f}", flush=True)
     return result
+
+
+def earlier_run(path: Path, header: dict[str, Any], methods: tuple[str, ...]) -> dict[str, Any] | None:
+    """What an earlier run of the same setup and methods left at ``path`` (cut, or with other
+    seeds), to resume from; None where there is none."""
+    try:
+        prior = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    same_setup = all(prior.get(k) == v for k, v in header.items() if k != "seeds")
+    runs = prior.get("runs", {})
+    same_methods = all(tuple(runs.get(t, ())) == methods for t in TARGETS)
+    seeded = same_methods and all("seed" in r for by in runs.values() for rs in by.values() for r in rs)
+    return prior if same_setup and seeded else None
