@@ -116,6 +116,7 @@ def test_targeted_selects_for_each_target_fine_tunes_and_compares(model_dir, tmp
     result = run_eval(_args(*args, "--seeds", "1", "--seed", "2"))
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["seeds"] == [2] and set(written["methods"]) == set(TARGETS) == set(result["methods"])
+    assert (tmp_path / "targeted.png").stat().st_size > 0
     # A second run with a seed more keeps the first seed's runs and adds the new seed's.
     resumed = run_eval(_args(*args, "--seeds", "2", "--seed", "2"))
     assert resumed["seeds"] == [2, 3] and resumed["earlier_seconds"] == written["seconds"]

@@ -149,3 +149,32 @@ def plot_downstream(path: Path, result: dict[str, Any]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_targeted(path: Path, result: dict[str, Any]) -> None:
+    """Per target kind: the held-out exact match after fine-tuning on each method's selection
+    (mean +- std over seeds) and the share of the selection from the target kind."""
+    import matplotlib.pyplot as plt
+
+    targets = list(result["methods"])
+    panels = [("exact_match", "held-out exact match"),
+              ("target_share", "share of the selection from the target")]
+    fig, axes = plt.subplots(len(panels), len(targets), figsize=(4.2 * len(targets), 3.2 * len(panels) + 1.5),
+                             sharey="row", squeeze=False)
+    for column, target in enumerate(targets):
+        methods = result["methods"][target]
+        names = list(methods)
+        for row, (key, label) in enumerate(panels):
+            ax = axes[row][column]
+            ax.bar(range(len(names)), [methods[n][f"{key}_mean"] for n in names],
+                   yerr=[methods[n][f"{key}_std"] for n in names], color=_colors(len(names)), capsize=3)
+            ax.set_xticks(range(len(names)), names if row == len(panels) - 1 else [], rotation=60, ha="right",
+                          fontsize=6)
+            ax.set_title(f"{target}: {label}", fontsize=9)
+            ax.set_ylim(0, 1.05)
+            ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"targeted selection ({result['budget']:.0%} of the pool), {result['steps']} LoRA steps: "
+                 f"{result['size']}, seeds {result['seeds']}, model {result['model']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -257,6 +257,10 @@ def run_from_args(model: Any, args: Any, names: list[str] | None, out: Path) -> 
             print(f"{target:9s} {name:58s} exact {m['exact_match_mean']:.2f} +- {m['exact_match_std']:.2f}  "
                   f"nll {m['nll_mean']:.3f}  target {m['target_share_mean']:.2f}  "
                   f"clean {m['clean_share_mean']:.2f}", flush=True)
+    if not args.no_plots:
+        from .plots import plot_targeted
+
+        plot_targeted(out / "targeted.png", result)
     return result
 
 
