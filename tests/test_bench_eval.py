@@ -110,13 +110,15 @@ def test_targeted_selects_for_each_target_fine_tunes_and_compares(model_dir, tmp
     from forvalue.bench.evals.targeted_task import TARGETS
 
     methods = ["forvalue-response-precond-valid-cosine-skip", "rds-plus-round-robin", "lora-less", "random",
-               "ceiling", "pool"]
+               "ceiling", "pool", "index-round-robin"]
     args = ("--task", "targeted", "--model", str(model_dir), "--out", str(tmp_path),
             "--methods", ",".join(methods))
     result = run_eval(_args(*args, "--seeds", "1", "--seed", "2"))
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["seeds"] == [2] and set(written["methods"]) == set(TARGETS) == set(result["methods"])
     assert (tmp_path / "targeted.png").stat().st_size > 0
+    table = (tmp_path / "table.md").read_text()  # every method a row; the headline against the others
+    assert all(f"| {name} |" in table for name in methods) and "mean over targets" in table
     # A second run with a seed more keeps the first seed's runs and adds the new seed's.
     resumed = run_eval(_args(*args, "--seeds", "2", "--seed", "2"))
     assert resumed["seeds"] == [2, 3] and resumed["earlier_seconds"] == written["seconds"]
@@ -131,6 +133,7 @@ def test_targeted_selects_for_each_target_fine_tunes_and_compares(model_dir, tmp
             assert 0 <= m["target_share_mean"] <= 1 and 0 <= m["clean_share_mean"] <= 1
         assert by_method["ceiling"]["target_share_mean"] == by_method["ceiling"]["clean_share_mean"] == 1.0
         assert by_method["random"]["target_share_mean"] < 1
+        assert by_method["index-round-robin"]["index_build_seconds_mean"] > 0
         compared = written["comparisons"][target]["lora-less vs random"]
         assert {"exact_match_gain", "exact_match_beats", "nll_gain", "nll_beats"} == set(compared)
     with pytest.raises(SystemExit, match=r"unknown targeted method.*lora-tracin"):

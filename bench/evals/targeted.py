@@ -37,10 +37,16 @@ STEPS = {"small": 12, "full": 24}  # fine-tuning steps of batch 4 on every selec
 VALUED = ("forvalue-response-precond-valid-cosine-skip", "forvalue-response", "lora-less", "rds-plus")
 ROUND_ROBIN = "-round-robin"
 SELECTORS = (*VALUED, *(m + ROUND_ROBIN for m in VALUED), "random", "pool", "ceiling")
+# select's default read from an index of the pool built once per seed (run when named: item 4
+# of the comparison, one pool pass for every target, beside the exact default's selections)
+INDEX = "index"
+OPTIONAL = (INDEX, INDEX + ROUND_ROBIN)
 # Values of a pair that do not depend on the other validation chats (no preconditioner from
 # them): LESS's training gradients are the warm-up's, the same for every target.
 PER_PAIR = ("forvalue-response", "lora-less", "rds-plus")
 BY_MAX = ("rds-plus",)  # RDS+ scores a pool sample by its best cosine over the target's samples
+HEADLINE = VALUED[0]  # select's default, top: the method the comparison is about, fixed before any run
+OVER_TARGETS = "mean over targets"
 METRICS = {"exact_match": 1, "nll": -1}  # higher is better (1) or lower (-1)
 
 
@@ -75,6 +81,8 @@ def method_values(model: Any, task: TargetedTask, target: str, name: str, lora_r
     validation side; the cosine divides each validation gradient by its norm first), or, for
     RDS+, by their max, as its authors aggregate. A method whose value for a pair does not
     depend on the other validation chats runs once per seed against every target's chats."""
+    if name == INDEX:
+        return index_values(model, task, target, cache)
     found = next(m for m in METHODS if m.name == name)
     shared = name in PER_PAIR
     key = name if shared else (target, name)
@@ -86,6 +94,24 @@ def method_values(model: Any, task: TargetedTask, target: str, name: str, lora_r
             ctx.lora = lora_gradients(model, task, lora_rank, cache)
         cache[key] = np.asarray((found.pairwise or found.run)(ctx))
     return cache[key][:, target_columns(task, target)] if shared else cache[key]
+
+
+def index_values(model: Any, task: TargetedTask, target: str, cache: dict[Any, Any]) -> np.ndarray:
+    """select's default values of the pool against each of ``target``'s validation chats, from
+    an index of the pool built once per seed (``forvalue index build`` with its defaults)."""
+    import tempfile
+
+    from forvalue.engine import Index
+
+    if INDEX not in cache:
+        cache["index-folder"] = tempfile.TemporaryDirectory(prefix="targeted-index-")
+        start = time.perf_counter()
+        cache[INDEX] = Index.build(task.pool, cache["index-folder"].name, model=model, progress=False)
+        cache["index-build-seconds"] = time.perf_counter() - start
+    found = cache[INDEX].values(task.valid[target], columns="each")
+    values = np.empty_like(found.values)
+    values[found.rows] = found.values
+    return values
 
 
 def lora_gradients(model: Any, task: TargetedTask, lora_rank: int, cache: dict[Any, Any]) -> Any:
@@ -202,18 +228,28 @@ def one_run(model: Any, task: TargetedTask, target: str, method: str, seed: int,
     with torch.no_grad():
         metrics = held_out_scores(model, lora, task.held_out[target])
     meta = [task.pool[i]["meta"] for i in chosen]
-    return {"seed": seed, **metrics, "target_share": float(np.mean([m["kind"] == target for m in meta])),
+    built = {"index_build_seconds": cache["index-build-seconds"]} if method.startswith(INDEX) else {}
+    return {"seed": seed, **metrics, **built,
+            "target_share": float(np.mean([m["kind"] == target for m in meta])),
             "clean_share": float(np.mean([m["clean_label"] for m in meta])),
             "select_seconds": selected, "seconds": time.perf_counter() - start}
 
 
 def summary(runs: dict[str, dict[str, list[dict[str, float]]]]) -> dict[str, Any]:
-    """Per target and method the mean and std of each number; per target the pairwise
-    comparisons (paired over seeds) on each metric."""
+    """Per target and method the mean and std of each number; per target, and on the mean over
+    targets, the pairwise comparisons (paired over seeds) on each metric."""
     means = {t: {m: {f"{k}_{s}": float(getattr(np, s)([r[k] for r in rs]))
                      for k in rs[0] if k != "seed" for s in ("mean", "std")}
                  for m, rs in by_method.items() if rs} for t, by_method in runs.items()}
-    return {"methods": means, "runs": runs, "comparisons": {t: compare(by) for t, by in runs.items()}}
+    comparisons = {t: compare(by) for t, by in runs.items()} | {OVER_TARGETS: compare(over_targets(runs))}
+    return {"methods": means, "runs": runs, "comparisons": comparisons}
+
+
+def over_targets(runs: dict[str, dict[str, list[dict[str, float]]]]) -> dict[str, list[dict[str, float]]]:
+    """Per method and seed, each metric's mean over the targets."""
+    by_method = next(iter(runs.values()))
+    return {m: [{k: float(np.mean([by[m][i][k] for by in runs.values()])) for k in METRICS}
+                for i in range(len(rs))] for m, rs in by_method.items()}
 
 
 def compare(by_method: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, Any]]:
@@ -236,7 +272,7 @@ def compare(by_method: dict[str, list[dict[str, float]]]) -> dict[str, dict[str,
 def run_from_args(model: Any, args: Any, names: list[str] | None, out: Path) -> dict[str, Any]:
     """``forvalue eval --task targeted``: ``--seeds`` seeds from ``--seed``, ``--methods`` among
     ``SELECTORS``; results.json rewritten after every seed."""
-    check_methods(names, SELECTORS, "targeted")
+    check_methods(names, SELECTORS + OPTIONAL, "targeted")
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"targeted ({args.size}: {POOL[args.size]} chats of each of {len(KINDS)} kinds, targets "
           f"{', '.join(TARGETS)}, {STEPS[args.size]} steps), seeds {seeds}", flush=True)
@@ -257,11 +293,49 @@ def run_from_args(model: Any, args: Any, names: list[str] | None, out: Path) -> 
             print(f"{target:9s} {name:58s} exact {m['exact_match_mean']:.2f} +- {m['exact_match_std']:.2f}  "
                   f"nll {m['nll_mean']:.3f}  target {m['target_share_mean']:.2f}  "
                   f"clean {m['clean_share_mean']:.2f}", flush=True)
+    (out / "table.md").write_text(markdown(result))
     if not args.no_plots:
         from .plots import plot_targeted
 
         plot_targeted(out / "targeted.png", result)
     return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """Held-out exact match per target and method (mean +- std over seeds), its mean over
+    targets and the selections' target and clean shares; then the headline (select's default,
+    ``top``, fixed before any run) against every other method."""
+    by_target = result["methods"]
+    targets, methods = list(by_target), list(next(iter(by_target.values())))
+
+    def mean_of(m: str, key: str) -> float:
+        return float(np.mean([by_target[t][m][f"{key}_mean"] for t in targets]))
+
+    lines = [f"| method | {' | '.join(targets)} | mean | target share | clean share |",
+             "|---" * (len(targets) + 4) + "|"]
+    for m in methods:
+        cells = [f"{by_target[t][m]['exact_match_mean']:.2f} ± {by_target[t][m]['exact_match_std']:.2f}"
+                 for t in targets]
+        lines.append(f"| {m} | {' | '.join(cells)} | {mean_of(m, 'exact_match'):.3f} | "
+                     f"{mean_of(m, 'target_share'):.2f} | {mean_of(m, 'clean_share'):.2f} |")
+    if HEADLINE not in methods:
+        return "\n".join(lines) + "\n"
+    groups = [*targets, OVER_TARGETS]
+    lines += ["", f"{HEADLINE} (top) against each method: the mean paired gain in exact match over "
+              "seeds; **beats** / **beaten**: the gain / loss exceeds twice the paired std.", "",
+              f"| against | {' | '.join(groups)} |", "|---" * (len(groups) + 1) + "|"]
+    for other in methods:
+        if other == HEADLINE:
+            continue
+        cells = []
+        for group in groups:
+            ours, theirs = (result["comparisons"][group].get(f"{a} vs {b}", {})
+                            for a, b in ((HEADLINE, other), (other, HEADLINE)))
+            mark = " **beats**" if ours.get("exact_match_beats") else (
+                " **beaten**" if theirs.get("exact_match_beats") else "")
+            cells.append(f"{ours['exact_match_gain']:+.3f}{mark}" if ours else "-")
+        lines.append(f"| {other} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
 
 
 def earlier_run(path: Path, header: dict[str, Any], methods: tuple[str, ...]) -> dict[str, Any] | None:
