@@ -132,23 +132,15 @@ def plot_downstream(path: Path, result: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     methods = result["methods"]
-    names = list(methods)
     panels = [("nll", "held-out NLL of clean answers (lower is better)"),
               ("exact_match", "held-out exact match")]
-    if "fact_nll_mean" in methods[names[0]]:  # results before the fact metric existed have none
+    if "fact_nll_mean" in next(iter(methods.values())):  # results before the fact metric have none
         panels.append(("fact_nll", "held-out NLL of the stated fact (lower is better)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
     for ax, (key, label) in zip(axes, panels, strict=True):
-        ax.bar(range(len(names)), [methods[n][f"{key}_mean"] for n in names],
-               yerr=[methods[n][f"{key}_std"] for n in names], color=_colors(len(names)), capsize=4)
-        ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
-        ax.set_title(label, fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"selection then fine-tuning: {result['size']}, seeds {result['seeds']}, model "
-                 f"{result['model']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _method_bars(ax, methods, key, label)
+    _save(fig, path, f"selection then fine-tuning: {result['size']}, seeds {result['seeds']}, model "
+                     f"{result['model']}")
 
 
 def plot_targeted(path: Path, result: dict[str, Any]) -> None:
@@ -162,19 +154,30 @@ def plot_targeted(path: Path, result: dict[str, Any]) -> None:
     fig, axes = plt.subplots(len(panels), len(targets), figsize=(4.2 * len(targets), 3.2 * len(panels) + 1.5),
                              sharey="row", squeeze=False)
     for column, target in enumerate(targets):
-        methods = result["methods"][target]
-        names = list(methods)
         for row, (key, label) in enumerate(panels):
-            ax = axes[row][column]
-            ax.bar(range(len(names)), [methods[n][f"{key}_mean"] for n in names],
-                   yerr=[methods[n][f"{key}_std"] for n in names], color=_colors(len(names)), capsize=3)
-            ax.set_xticks(range(len(names)), names if row == len(panels) - 1 else [], rotation=60, ha="right",
-                          fontsize=6)
-            ax.set_title(f"{target}: {label}", fontsize=9)
-            ax.set_ylim(0, 1.05)
-            ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"targeted selection ({result['budget']:.0%} of the pool), {result['steps']} LoRA steps: "
-                 f"{result['size']}, seeds {result['seeds']}, model {result['model']}", fontsize=10)
+            _method_bars(axes[row][column], result["methods"][target], key, f"{target}: {label}",
+                         labelled=row == len(panels) - 1, rotation=60, fontsize=6)
+            axes[row][column].set_ylim(0, 1.05)
+    _save(fig, path, f"targeted selection ({result['budget']:.0%} of the pool), {result['steps']} LoRA "
+                     f"steps: {result['size']}, seeds {result['seeds']}, model {result['model']}")
+
+
+def _method_bars(ax: Any, methods: dict[str, dict[str, float]], key: str, title: str, labelled: bool = True,
+                 rotation: int = 25, fontsize: int = 8) -> None:
+    """One bar per method: ``key``'s mean over seeds, its std as the error bar."""
+    names = list(methods)
+    ax.bar(range(len(names)), [methods[n][f"{key}_mean"] for n in names],
+           yerr=[methods[n][f"{key}_std"] for n in names], color=_colors(len(names)), capsize=3)
+    ax.set_xticks(range(len(names)), names if labelled else [], rotation=rotation, ha="right",
+                  fontsize=fontsize)
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _save(fig: Any, path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
