@@ -242,7 +242,8 @@ def summary(runs: dict[str, dict[str, list[dict[str, float]]]]) -> dict[str, Any
                      for k in rs[0] if k != "seed" for s in ("mean", "std")}
                  for m, rs in by_method.items() if rs} for t, by_method in runs.items()}
     comparisons = {t: compare(by) for t, by in runs.items()} | {OVER_TARGETS: compare(over_targets(runs))}
-    return {"methods": means, "runs": runs, "comparisons": comparisons}
+    done = sorted({r["seed"] for rs in next(iter(runs.values())).values() for r in rs})
+    return {"seeds_done": done, "methods": means, "runs": runs, "comparisons": comparisons}
 
 
 def over_targets(runs: dict[str, dict[str, list[dict[str, float]]]]) -> dict[str, list[dict[str, float]]]:
