@@ -145,13 +145,15 @@ def plot_downstream(path: Path, result: dict[str, Any]) -> None:
 
 def plot_targeted(path: Path, result: dict[str, Any]) -> None:
     """Per target kind: the held-out exact match after fine-tuning on each method's selection
-    (mean +- std over seeds) and the share of the selection from the target kind."""
+    (mean +- std over seeds), the share of the selection from the target kind and its clean
+    share."""
     import matplotlib.pyplot as plt
 
     targets = list(result["methods"])
     panels = [("exact_match", "held-out exact match"),
-              ("target_share", "share of the selection from the target")]
-    fig, axes = plt.subplots(len(panels), len(targets), figsize=(4.2 * len(targets), 3.2 * len(panels) + 1.5),
+              ("target_share", "share of the selection from the target"),
+              ("clean_share", "share of the selection that is clean")]
+    fig, axes = plt.subplots(len(panels), len(targets), figsize=(4.2 * len(targets), 2.8 * len(panels) + 1.5),
                              sharey="row", squeeze=False)
     for column, target in enumerate(targets):
         for row, (key, label) in enumerate(panels):
