@@ -198,7 +198,7 @@ def run_targeted(model: Any, size: str, seeds: list[int], methods: tuple[str, ..
     run loses nothing when cut)."""
     runs = done or {t: {m: [] for m in methods} for t in TARGETS}
     for seed in seeds:
-        if any(r["seed"] == seed for r in runs[TARGETS[0]][methods[0]]):
+        if seed in seeds_in(runs):
             continue
         task, cache = make_targeted(size, seed), {}
         for target in TARGETS:
@@ -242,8 +242,12 @@ def summary(runs: dict[str, dict[str, list[dict[str, float]]]]) -> dict[str, Any
                      for k in rs[0] if k != "seed" for s in ("mean", "std")}
                  for m, rs in by_method.items() if rs} for t, by_method in runs.items()}
     comparisons = {t: compare(by) for t, by in runs.items()} | {OVER_TARGETS: compare(over_targets(runs))}
-    done = sorted({r["seed"] for rs in next(iter(runs.values())).values() for r in rs})
-    return {"seeds_done": done, "methods": means, "runs": runs, "comparisons": comparisons}
+    return {"seeds_done": seeds_in(runs), "methods": means, "runs": runs, "comparisons": comparisons}
+
+
+def seeds_in(runs: dict[str, dict[str, list[dict[str, float]]]]) -> list[int]:
+    """The seeds the runs hold (a seed's runs are written only once all of them are done)."""
+    return sorted({r["seed"] for rs in next(iter(runs.values())).values() for r in rs})
 
 
 def over_targets(runs: dict[str, dict[str, list[dict[str, float]]]]) -> dict[str, list[dict[str, float]]]:
@@ -282,7 +286,7 @@ def run_from_args(model: Any, args: Any, names: list[str] | None, out: Path) -> 
     methods = tuple(names or SELECTORS)
     prior = earlier_run(out / "results.json", header, methods)
     if prior is not None:
-        done = sorted({r["seed"] for r in prior["runs"][TARGETS[0]][methods[0]]})
+        done = seeds_in(prior["runs"])
         print(f"resuming {out / 'results.json'}: seeds {done} done", flush=True)
         header["seeds"] = sorted({*done, *seeds})
         header["earlier_seconds"] = prior["seconds"] + prior.get("earlier_seconds", 0.0)

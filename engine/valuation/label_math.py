@@ -117,10 +117,10 @@ def token_groups(batch: list[LabelStates], budget: int) -> list[list[LabelStates
     """Consecutive samples in groups of at most ``budget`` label tokens (a longer sample
     alone): the group's gram, ``budget^2 V``, stays below half its logits' ``budget V d``."""
     groups: list[list[LabelStates]] = []
-    tokens = budget + 1
+    tokens = 0
     for states in batch:
         size = len(states.positions)
-        if tokens + size > budget:
+        if not groups or tokens + size > budget:
             groups.append([])
             tokens = 0
         groups[-1].append(states)
