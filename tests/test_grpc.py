@@ -452,13 +452,16 @@ def test_sixteen_concurrent_clients_lose_and_duplicate_nothing(shared):
 
 def test_drain_answers_what_was_accepted_and_refuses_new_calls(make_server):
     server = make_server()
-    release = threading.Event()
+    end, release = threading.Event(), threading.Event()
     with server.gated() as gate, Client(server.address) as client:
         closed = streamed_in_thread(client, TRAIN[:20], reference="valid")
+        ends_in_drain = streamed_in_thread(client, held_open(TRAIN[25:30], end), reference="valid")
         still_open = streamed_in_thread(client, held_open(TRAIN[20:25], release), reference="valid")
-        wait_for(lambda: in_engine(server) == 25)
+        wait_for(lambda: in_engine(server) == 30)
         draining = asyncio.run_coroutine_threadsafe(server.server.drain(grace=30), server.loop)
         wait_for(lambda: server.server.draining)
+        end.set()  # this caller's end reaches the server while its answers are still held back
+        wait_for(lambda: sum(stream._reader.done() for stream in list(server.server.streams)) == 2)
         time.sleep(0.3)  # the whole drain window, not only its first instant, refuses with UNAVAILABLE
         with Client(server.address, timeout=5) as late, pytest.raises(ServerError) as caught:
             list(late.score_stream(TRAIN[:1], reference="valid"))
@@ -467,9 +470,11 @@ def test_drain_answers_what_was_accepted_and_refuses_new_calls(make_server):
         gate.set()
         draining.result(30)
         release.set()
-        for _, _, thread in (closed, still_open):
+        for _, _, thread in (closed, ends_in_drain, still_open):
             thread.join(30)
-    assert len(closed[0]) == 20 and not closed[1]  # half-closed: everything answered, OK
+    # half-closed before or during the drain: everything answered, OK
+    assert len(closed[0]) == 20 and not closed[1]
+    assert len(ends_in_drain[0]) == 5 and not ends_in_drain[1]
     assert len(still_open[0]) == 5  # still sending: its accepted requests answered, then UNAVAILABLE
     assert still_open[1]["error"].code == grpc.StatusCode.UNAVAILABLE
 

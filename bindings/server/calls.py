@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("forvalue.server")
 
 UNACCEPTED = "requests without a result were not accepted: resend them"
+SHUTTING_DOWN = (grpc.StatusCode.UNAVAILABLE, f"the server is shutting down; {UNACCEPTED}")
 
 
 class Progress:
@@ -73,6 +74,7 @@ class ScoreStream:
         self._pending: dict[int, ScoreHandle] = {}  # admitted, not yet answered by the engine
         self._unanswered = 0  # accepted, result not yet written
         self._reader: asyncio.Task | None = None
+        self._stopping = False  # draining: accept nothing more
 
     async def run(self, requests: AsyncIterator[pb.ScoreRequest]) -> AsyncIterator[pb.ScoreResult]:
         self._reader = asyncio.get_running_loop().create_task(self._read(requests))
@@ -86,14 +88,19 @@ class ScoreStream:
                 yield result  # returns once written: one write at a time is the backpressure
                 self._unanswered -= 1
                 self._window.release()
+                if self._stopping and not self._unanswered:
+                    self._reader.cancel()  # everything accepted is answered; the end never came
         finally:
             self._reader.cancel()
             for request_id in list(self._pending):
                 self.engine.cancel(request_id)
 
     def stop_reading(self) -> None:
-        """Drain: read nothing more; what was accepted is still answered."""
-        if self._reader is not None:
+        """Drain: accept nothing more; what was accepted is still answered. Until then the
+        reader goes on, so that a caller who had already sent its end (half-closed) gets OK,
+        not UNAVAILABLE, whenever that end reaches the server."""
+        self._stopping = True
+        if self._reader is not None and not self._unanswered:
             self._reader.cancel()
 
     async def _read(self, requests: AsyncIterator[pb.ScoreRequest]) -> None:
@@ -104,15 +111,18 @@ class ScoreStream:
                     request = await anext(requests)
                 except StopAsyncIteration:
                     return
+                if self._stopping:  # sent after the drain began: not accepted
+                    self.status = SHUTTING_DOWN
+                    return
                 await self._accept(request)
         except asyncio.CancelledError:
-            self.status = (grpc.StatusCode.UNAVAILABLE, f"the server is shutting down; {UNACCEPTED}")
+            self.status = SHUTTING_DOWN
             raise
         except _Overloaded:
             self.status = (grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server is overloaded (its queue "
                            f"stayed full for {self.limits.queue_timeout:g} s); {UNACCEPTED} later")
         except EngineClosed:
-            self.status = (grpc.StatusCode.UNAVAILABLE, f"the server is shutting down; {UNACCEPTED}")
+            self.status = SHUTTING_DOWN
         except Exception as error:  # a bug: end the call, keep serving others
             log.exception("reading a Score stream failed")
             self.status = (grpc.StatusCode.INTERNAL, f"internal error: {error!r}; {UNACCEPTED}")
