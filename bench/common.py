@@ -54,7 +54,9 @@ def results_writer(path: Path, header: dict[str, Any]) -> Callable[[dict[str, An
     def write(found: dict[str, Any]) -> dict[str, Any]:
         result = {**header, **found, "seconds": time.perf_counter() - start, "machine": machine(),
                   "threads": torch.get_num_threads(), "load_average": [load_before, os.getloadavg()[0]]}
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(result, indent=2) + "\n")
+        partial.replace(path)  # a run cut while writing leaves the last whole file
         return result
 
     return write

@@ -110,7 +110,7 @@ def test_targeted_selects_for_each_target_fine_tunes_and_compares(model_dir, tmp
     from forvalue.bench.evals.targeted_task import TARGETS
 
     methods = ["forvalue-response-precond-valid-cosine-skip", "rds-plus-round-robin", "lora-less", "random",
-               "ceiling", "pool", "index-round-robin"]
+               "ceiling", "pool", "index-round-robin", "forvalue-response-precond-valid-cosine-skip-warm"]
     args = ("--task", "targeted", "--model", str(model_dir), "--out", str(tmp_path),
             "--methods", ",".join(methods))
     result = run_eval(_args(*args, "--seeds", "1", "--seed", "2"))
@@ -139,6 +139,11 @@ def test_targeted_selects_for_each_target_fine_tunes_and_compares(model_dir, tmp
     with pytest.raises(SystemExit, match=r"unknown targeted method.*lora-tracin"):
         run_eval(_args("--task", "targeted", "--model", str(model_dir), "--out", str(tmp_path),
                        "--methods", "random,lora-tracin"))
+    kept = (tmp_path / "results.json").read_text()  # another setup at the same --out is refused
+    with pytest.raises(SystemExit, match=r"holds another run \(other methods\): choose another --out"):
+        run_eval(_args("--task", "targeted", "--model", str(model_dir), "--out", str(tmp_path),
+                       "--methods", "random"))
+    assert (tmp_path / "results.json").read_text() == kept
 
 
 def test_targeted_values_shared_across_targets_equal_each_targets_own(model_dir):

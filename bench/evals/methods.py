@@ -153,13 +153,18 @@ def _preconditioned() -> tuple[Method, ...]:
 
 def _skip() -> tuple[Method, ...]:
     """The skip readout with the paper's value, and with the validation-side preconditioner;
-    by default only with both (forvalue select's default), to keep ``--task all`` short."""
-    return tuple(
+    by default only with both (forvalue select's default), to keep ``--task all`` short; and
+    select's default on the warmed-up model (``-warm``, when named)."""
+    plain = tuple(
         replace(
             _exact(f"forvalue-{loss_on}{'-precond-valid' * precond}{'-cosine' * cosine}-skip", loss_on,
                    "cosine" if cosine else "none", "input" if precond else None, skip=True),
             by_default=precond and cosine)
         for loss_on in LABEL_RULES for precond in (False, True) for cosine in (False, True))
+    warm = tuple(replace(_exact(f"forvalue-{loss_on}-precond-valid-cosine-skip-warm", loss_on, "cosine",
+                                "input", warm=True, skip=True), by_default=False)
+                 for loss_on in LABEL_RULES)
+    return plain + warm
 
 
 def _official(**options: Any) -> Callable[[Context], np.ndarray]:

@@ -40,7 +40,10 @@ SELECTORS = (*VALUED, *(m + ROUND_ROBIN for m in VALUED), "random", "pool", "cei
 # select's default read from an index of the pool built once per seed (run when named: item 4
 # of the comparison, one pool pass for every target, beside the exact default's selections)
 INDEX = "index"
-OPTIONAL = (INDEX, INDEX + ROUND_ROBIN)
+# select's default on the model after a one-epoch LoRA warm-up on the pool (once per seed): does
+# a backward pass close what the forward pass alone misses (wrong answers of the right form)?
+WARM = VALUED[0] + "-warm"
+OPTIONAL = (INDEX, INDEX + ROUND_ROBIN, WARM, WARM + ROUND_ROBIN)
 # Values of a pair that do not depend on the other validation chats (no preconditioner from
 # them): LESS's training gradients are the warm-up's, the same for every target.
 PER_PAIR = ("forvalue-response", "lora-less", "rds-plus")
@@ -92,6 +95,8 @@ def method_values(model: Any, task: TargetedTask, target: str, name: str, lora_r
                       loss_on="response", lora_rank=lora_rank, progress=False)
         if found.uses_lora:
             ctx.lora = lora_gradients(model, task, lora_rank, cache)
+        if found.uses_warm:
+            ctx.warm = warm_model(model, task, lora_rank, cache)
         cache[key] = np.asarray((found.pairwise or found.run)(ctx))
     return cache[key][:, target_columns(task, target)] if shared else cache[key]
 
@@ -123,6 +128,15 @@ def lora_gradients(model: Any, task: TargetedTask, lora_rank: int, cache: dict[A
         valid = [chat for t in TARGETS for chat in task.valid[t]]
         cache["lora"] = baselines.lora_gradients(model, task.pool, valid, loss_on="response", rank=lora_rank)
     return cache["lora"]
+
+
+def warm_model(model: Any, task: TargetedTask, lora_rank: int, cache: dict[Any, Any]) -> Any:
+    """The model after one warm-up epoch on the pool: one per seed, for every target."""
+    if "warm" not in cache:
+        pool_only = Task("targeted", "selection", task.pool, [], loss_on="response")
+        cache["warm"] = Context(model, pool_only, loss_on="response", lora_rank=lora_rank,
+                                progress=False).warm_model()
+    return cache["warm"]
 
 
 def target_columns(task: TargetedTask, target: str) -> slice:
@@ -345,13 +359,22 @@ def markdown(result: dict[str, Any]) -> str:
 
 def earlier_run(path: Path, header: dict[str, Any], methods: tuple[str, ...]) -> dict[str, Any] | None:
     """What an earlier run of the same setup and methods left at ``path`` (cut, or with other
-    seeds), to resume from; None where there is none."""
+    seeds), to resume from; None where there is none. Any other file there is refused, not
+    overwritten: hours of fine-tunes may lie in it."""
+    if not path.exists():
+        return None
     try:
         prior = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    same_setup = all(prior.get(k) == v for k, v in header.items() if k != "seeds")
-    runs = prior.get("runs", {})
-    same_methods = all(tuple(runs.get(t, ())) == methods for t in TARGETS)
-    seeded = same_methods and all("seed" in r for by in runs.values() for rs in by.values() for r in rs)
-    return prior if same_setup and seeded else None
+        runs = prior["runs"]
+        seeded = all("seed" in r for by in runs.values() for rs in by.values() for r in rs)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        prior, runs, seeded = {}, {}, False
+    differ = [f"{k} {prior.get(k)!r}, not {v!r}" for k, v in header.items()
+              if k != "seeds" and prior.get(k) != v]
+    if not differ and any(tuple(runs.get(t, ())) != methods for t in TARGETS):
+        differ.append("other methods")
+    if differ or not seeded:
+        why = "; ".join(differ) if prior else "not a targeted run's results"
+        raise SystemExit(f"forvalue eval: {path} holds another run ({why}): choose another --out, "
+                         "or move it away")
+    return prior
