@@ -110,7 +110,8 @@ def test_targeted_selects_for_each_target_fine_tunes_and_compares(model_dir, tmp
     from forvalue.bench.evals.targeted_task import TARGETS
 
     methods = ["forvalue-response-precond-valid-cosine-skip", "rds-plus-round-robin", "lora-less", "random",
-               "ceiling", "pool", "index-round-robin", "forvalue-response-precond-valid-cosine-skip-warm"]
+               "ceiling", "pool", "pool-equal-epochs", "index-round-robin",
+               "forvalue-response-precond-valid-cosine-skip-warm"]
     args = ("--task", "targeted", "--model", str(model_dir), "--out", str(tmp_path),
             "--methods", ",".join(methods))
     result = run_eval(_args(*args, "--seeds", "1", "--seed", "2"))

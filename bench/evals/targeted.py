@@ -43,7 +43,11 @@ INDEX = "index"
 # select's default on the model after a one-epoch LoRA warm-up on the pool (once per seed): does
 # a backward pass close what the forward pass alone misses (wrong answers of the right form)?
 WARM = VALUED[0] + "-warm"
-OPTIONAL = (INDEX, INDEX + ROUND_ROBIN, WARM, WARM + ROUND_ROBIN)
+# the whole pool for as many epochs as a selection gets (about 20 times the steps): an ungated
+# reference, the cost a selection saves
+EQUAL_EPOCHS = "pool-equal-epochs"
+WHOLE_POOL = ("pool", EQUAL_EPOCHS)
+OPTIONAL = (INDEX, INDEX + ROUND_ROBIN, WARM, WARM + ROUND_ROBIN, EQUAL_EPOCHS)
 # Values of a pair that do not depend on the other validation chats (no preconditioner from
 # them): LESS's training gradients are the warm-up's, the same for every target.
 PER_PAIR = ("forvalue-response", "lora-less", "rds-plus")
@@ -58,8 +62,8 @@ def choose(model: Any, task: TargetedTask, target: str, method: str, seed: int, 
     """Indices of the pool samples ``method`` keeps for ``target``. ``cache``: what one seed's
     methods share across targets (LESS's training gradients are computed once per seed)."""
     n = len(task.pool)
-    budget = max(1, round(BUDGET * n))
-    if method == "pool":
+    budget = budget_of(n)
+    if method in WHOLE_POOL:
         return list(range(n))
     if method == "random":
         return draw(list(range(n)), budget, f"random/{seed}/{target}")
@@ -74,6 +78,10 @@ def choose(model: Any, task: TargetedTask, target: str, method: str, seed: int, 
         return sorted(round_robin(values, budget))
     top = values.max(axis=1) if method.startswith(BY_MAX) else values.mean(axis=1)
     return sorted(np.argsort(-top, kind="stable")[:budget].tolist())
+
+
+def budget_of(pool_size: int) -> int:
+    return max(1, round(BUDGET * pool_size))
 
 
 def method_values(model: Any, task: TargetedTask, target: str, name: str, lora_rank: int,
@@ -230,15 +238,17 @@ def run_targeted(model: Any, size: str, seeds: list[int], methods: tuple[str, ..
 def one_run(model: Any, task: TargetedTask, target: str, method: str, seed: int, steps: int, lora_rank: int,
             cache: dict[Any, Any]) -> dict[str, float]:
     """Select for ``target`` with ``method``, fine-tune on the selection, test on the target's
-    held-out chats. The whole pool's fine-tune is the same for every target: once per seed."""
+    held-out chats. The whole pool's fine-tunes are the same for every target: once per seed."""
     start = time.perf_counter()
     chosen = choose(model, task, target, method, seed, lora_rank, cache)
     selected = time.perf_counter() - start
-    lora = cache.get("pool-lora") if method == "pool" else None
+    if method == EQUAL_EPOCHS:
+        steps = round(steps * len(task.pool) / budget_of(len(task.pool)))
+    lora = cache.get(method) if method in WHOLE_POOL else None
     if lora is None:
         lora = fine_tune(model, [task.pool[i] for i in chosen], steps, seed, lora_rank)
-        if method == "pool":
-            cache["pool-lora"] = lora
+        if method in WHOLE_POOL:
+            cache[method] = lora
     with torch.no_grad():
         metrics = held_out_scores(model, lora, task.held_out[target])
     meta = [task.pool[i]["meta"] for i in chosen]
