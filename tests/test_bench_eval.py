@@ -111,7 +111,8 @@ def test_targeted_selects_for_each_target_fine_tunes_and_compares(model_dir, tmp
 
     methods = ["forvalue-response-precond-valid-cosine-skip", "rds-plus-round-robin", "lora-less", "random",
                "ceiling", "pool", "pool-equal-epochs", "index-round-robin",
-               "forvalue-response-precond-valid-cosine-skip-warm"]
+               "forvalue-response-precond-valid-cosine-skip-warm",
+               "forvalue-response-precond-valid-cosine-skip-warm-in-cold-round-robin"]
     args = ("--task", "targeted", "--model", str(model_dir), "--out", str(tmp_path),
             "--methods", ",".join(methods))
     result = run_eval(_args(*args, "--seeds", "1", "--seed", "2"))
@@ -165,3 +166,20 @@ def test_targeted_values_shared_across_targets_equal_each_targets_own(model_dir)
                           loss_on="response", lora_rank=8, progress=False)
             alone = np.asarray(method.pairwise(ctx))
             np.testing.assert_allclose(shared, alone, rtol=1e-5, atol=1e-6 * np.abs(alone).max())
+
+
+def test_targeted_warm_in_cold_ranks_the_cold_shortlist_by_the_warmed_values(model_dir):
+    from forvalue.bench.evals import targeted
+    from forvalue.bench.evals.targeted_task import make_targeted
+    from forvalue.engine import load_model
+
+    model, task, cache = load_model(str(model_dir)), make_targeted("small", 0), {}
+    target = targeted.TARGETS[1]
+    values = targeted.method_values(model, task, target, targeted.WARM_IN_COLD, 8, cache)
+    cold, warm = (cache[(target, name)].mean(axis=1) for name in (targeted.VALUED[0], targeted.WARM))
+    kept = np.isfinite(values).all(axis=1)
+    assert kept.sum() == targeted.SHORTLIST * targeted.budget_of(len(task.pool))
+    assert cold[kept].min() >= cold[~kept].max()  # the cold default's best rows
+    np.testing.assert_array_equal(values[kept].mean(axis=1), warm[kept])
+    chosen = targeted.choose(model, task, target, targeted.WARM_IN_COLD, 0, 8, cache)
+    assert set(chosen) <= set(np.flatnonzero(kept)) and len(chosen) == targeted.budget_of(len(task.pool))

@@ -28,6 +28,7 @@ import torch
 from forvalue.bench.common import check_methods, results_writer
 
 from .downstream import draw
+from .finetuned import fine_tune, held_out_scores
 from .methods import METHODS, Context
 from .targeted_task import KINDS, POOL, TARGETS, TargetedTask, make_targeted
 from .tasks import Task
@@ -43,11 +44,16 @@ INDEX = "index"
 # select's default on the model after a one-epoch LoRA warm-up on the pool (once per seed): does
 # a backward pass close what the forward pass alone misses (wrong answers of the right form)?
 WARM = VALUED[0] + "-warm"
+# relevance from the base model, quality from the warmed one: the warmed values rank only the
+# SHORTLIST budgets the cold default values highest (the warm-up alone loses the target's kind)
+WARM_IN_COLD = WARM + "-in-cold"
+SHORTLIST = 3
 # the whole pool for as many epochs as a selection gets (about 20 times the steps): an ungated
 # reference, the cost a selection saves
 EQUAL_EPOCHS = "pool-equal-epochs"
 WHOLE_POOL = ("pool", EQUAL_EPOCHS)
-OPTIONAL = (INDEX, INDEX + ROUND_ROBIN, WARM, WARM + ROUND_ROBIN, EQUAL_EPOCHS)
+OPTIONAL = (INDEX, INDEX + ROUND_ROBIN, WARM, WARM + ROUND_ROBIN, WARM_IN_COLD, WARM_IN_COLD + ROUND_ROBIN,
+            EQUAL_EPOCHS)
 # Values of a pair that do not depend on the other validation chats (no preconditioner from
 # them): LESS's training gradients are the warm-up's, the same for every target.
 PER_PAIR = ("forvalue-response", "lora-less", "rds-plus")
@@ -94,6 +100,8 @@ def method_values(model: Any, task: TargetedTask, target: str, name: str, lora_r
     depend on the other validation chats runs once per seed against every target's chats."""
     if name == INDEX:
         return index_values(model, task, target, cache)
+    if name == WARM_IN_COLD:
+        return warm_in_cold_values(model, task, target, lora_rank, cache)
     found = next(m for m in METHODS if m.name == name)
     shared = name in PER_PAIR
     key = name if shared else (target, name)
@@ -127,6 +135,17 @@ def index_values(model: Any, task: TargetedTask, target: str, cache: dict[Any, A
     return values
 
 
+def warm_in_cold_values(model: Any, task: TargetedTask, target: str, lora_rank: int,
+                        cache: dict[Any, Any]) -> np.ndarray:
+    """The warmed default's values within the cold default's shortlist; -inf elsewhere."""
+    cold = method_values(model, task, target, VALUED[0], lora_rank, cache)
+    warm = method_values(model, task, target, WARM, lora_rank, cache)
+    shortlist = np.argsort(-cold.mean(axis=1), kind="stable")[:SHORTLIST * budget_of(len(task.pool))]
+    values = np.full_like(warm, -np.inf)
+    values[shortlist] = warm[shortlist]
+    return values
+
+
 def lora_gradients(model: Any, task: TargetedTask, lora_rank: int, cache: dict[Any, Any]) -> Any:
     """The LoRA gradients of the pool and of every target's validation chats: one warm-up and
     one pass over the pool per seed."""
@@ -151,65 +170,6 @@ def target_columns(task: TargetedTask, target: str) -> slice:
     """``target``'s validation chats among every target's, in TARGETS order."""
     first = sum(len(task.valid[t]) for t in TARGETS[:TARGETS.index(target)])
     return slice(first, first + len(task.valid[target]))
-
-
-def fine_tune(model: Any, chats: list[dict], steps: int, seed: int, lora_rank: int) -> Any:
-    """A LoRA copy of the model after ``steps`` steps on ``chats``."""
-    from forvalue.engine.warmup import lora_copy, train_lora
-
-    lora = lora_copy(model, rank=lora_rank, seed=seed)
-    with torch.enable_grad():
-        train_lora(model, lora, encode(model, chats), steps=steps, lr=1e-3, seed=seed)
-    return lora
-
-
-def encode(model: Any, chats: list[dict]) -> list[Any]:
-    from forvalue.engine.inputs.samples import encode_sample
-
-    return [encode_sample(s, model.tokenizer, where=f"chat {i}", context_length=model.context_length)
-            for i, s in enumerate(chats)]
-
-
-def held_out_scores(model: Any, lora: Any, held_out: list[dict], batch: int = 16) -> dict[str, float]:
-    """The mean NLL of the held-out answers and the exact match of the greedy answers. A chat
-    whose every answer token (its end of turn included) is the argmax under teacher forcing
-    is answered exactly by greedy decoding, so only the others are decoded, in batches."""
-    from forvalue.engine.warmup import label_logits
-
-    nlls, decode = [], []
-    encoded = encode(model, held_out)
-    for first in range(0, len(encoded), batch):
-        scored = label_logits(model, lora.backbone, encoded[first:first + batch])
-        for row, (logits, labels) in enumerate(scored):
-            nlls.append(float(torch.nn.functional.cross_entropy(logits, labels)))
-            if not bool((logits.argmax(-1) == labels).all()):
-                decode.append(first + row)
-    answers = [answer for first in range(0, len(decode), batch)
-               for answer in greedy_answers(model, lora, [held_out[i] for i in decode[first:first + batch]])]
-    right = sum(answer == held_out[i]["messages"][-1]["content"]
-                for i, answer in zip(decode, answers, strict=True))
-    exact = (len(held_out) - len(decode) + right) / len(held_out)
-    return {"exact_match": exact, "nll": float(np.mean(nlls))}
-
-
-def greedy_answers(model: Any, lora: Any, chats: list[dict]) -> list[str]:
-    """The fine-tuned model's greedy replies to the chats without their last (assistant)
-    message, each up to the end of its turn or line (prompts left-padded into one batch)."""
-    from forvalue.engine.inputs.chat import render
-
-    tokenizer = model.tokenizer
-    texts = [render(tokenizer, chat["messages"][:-1], prompt=True) for chat in chats]
-    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    limit = max(len(tokenizer(chat["messages"][-1]["content"], add_special_tokens=False)["input_ids"])
-                for chat in chats) + 4
-    width = max(map(len, prompts))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-    output = lora.peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=limit,
-                                      do_sample=False, pad_token_id=pad)
-    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip().split("\n")[0].strip()
-            for row in output]
 
 
 def run_targeted(model: Any, size: str, seeds: list[int], methods: tuple[str, ...] = SELECTORS,
