@@ -63,6 +63,20 @@ def test_identification_runs_the_chosen_methods_per_pair(model_dir, tmp_path):
     assert np.load(tmp_path / "values.npz")["forvalue-response"].shape == (40, 10)
 
 
+def test_cold_plus_warm_adds_its_sources_values_and_times(model_dir, tmp_path):
+    cold = "forvalue-response-precond-valid-cosine-skip"
+    both, warm = f"{cold}-cold-plus-warm", f"{cold}-warm"
+    result = run_eval(_args("--task", "mislabeled", "--model", str(model_dir), "--out", str(tmp_path),
+                            "--methods", both, "--no-plots"))
+    assert list(result["methods"]) == [cold, warm, both]  # the sources, run first, are reported too
+    values = np.load(tmp_path / "values.npz")
+    np.testing.assert_allclose(values[both], values[cold] + values[warm], rtol=1e-12)
+    assert not np.allclose(values[cold], values[warm])  # the warm-up changed the model
+    entries = result["methods"]
+    assert entries[both]["seconds"] >= entries[cold]["seconds"] + entries[warm]["seconds"]
+    assert entries[both]["warmup_seconds"] == entries[warm]["warmup_seconds"] > 0
+
+
 def test_unknown_method_is_refused(model_dir, tmp_path):
     with pytest.raises(ValueError, match="unknown method"):
         run_eval(_args("--task", "math", "--model", str(model_dir), "--out", str(tmp_path),

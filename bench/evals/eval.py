@@ -88,7 +88,9 @@ def _run_round(ctx: Context, methods: list[Method]) -> tuple[dict[str, dict], di
         ctx.reference_seconds = None
         with measure() as cost:
             raw = np.asarray(method.run(ctx), dtype=np.float64)
-        values[method.name] = ctx.reduce(raw)
+        ctx.raw[method.name], values[method.name] = raw, ctx.reduce(raw)
+        cost.seconds += sum(results[s]["seconds"] for s in method.sources)
+        cost.cpu_seconds += sum(results[s]["cpu_seconds"] for s in method.sources)
         results[method.name] = _entry(ctx, method, raw, _pairwise_values(ctx, method, raw), cost)
         print(f"  {method.name}: {results[method.name]['seconds']:.1f} s", flush=True)
     return results, values

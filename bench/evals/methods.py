@@ -10,6 +10,8 @@ from the validation set (``valid``) or the training pool (``train``: a full extr
 pass), optionally cosine-normalised, optionally on the model after a one-epoch LoRA warm-up on
 the training pool (``-warm``: a backward pass; its time is reported as warm-up); a ``-skip``
 suffix adds the skip readout at three quarters of the depth (engine/model/skip.py);
+``-cold-plus-warm`` is the sum of a value on the base model and on the warmed-up one (the two
+methods' values of the same run, LESS's sum over checkpoints with two checkpoints);
 ``official-...`` the official code's approximations; the rest are baselines
 (bench/evals/baselines.py).
 """
@@ -55,6 +57,7 @@ class Context:
     warm: Any = None
     warm_seconds: float = 0.0
     reference_seconds: float | None = None  # the last method's reference build, if it built one
+    raw: dict[str, np.ndarray] = field(default_factory=dict)  # this round's values, per method
 
     @property
     def by_reference(self) -> bool:
@@ -109,6 +112,8 @@ class Method:
     pairwise: Callable[[Context], np.ndarray] | None = None
     text_only: bool = False  # reads the samples' text only
     by_default: bool = True  # run when no method is named
+    # Methods whose values (of the same run, run first) this one combines; its seconds are theirs
+    sources: tuple[str, ...] = ()
 
     @property
     def takes_images(self) -> bool:
@@ -164,7 +169,17 @@ def _skip() -> tuple[Method, ...]:
     warm = tuple(replace(_exact(f"forvalue-{loss_on}-precond-valid-cosine-skip-warm", loss_on, "cosine",
                                 "input", warm=True, skip=True), by_default=False)
                  for loss_on in LABEL_RULES)
-    return plain + warm
+    both = tuple(_checkpoint_sum(f"forvalue-{loss_on}-precond-valid-cosine-skip") for loss_on in LABEL_RULES)
+    return plain + warm + both
+
+
+def _checkpoint_sum(cold: str) -> Method:
+    """``cold``'s value plus its value on the warmed-up model: LESS sums cosines over its
+    checkpoints; here the base model and one warm-up epoch, weighted alike (the base model's
+    values find what resembles the target, the warmed one's what the pool's majority contradicts)."""
+    sources = (cold, f"{cold}-warm")
+    return Method(f"{cold}-cold-plus-warm", lambda ctx: sum(ctx.raw[s] for s in sources), "exact",
+                  loss_on=cold.split("-")[1], uses_warm=True, by_default=False, sources=sources)
 
 
 def _official(**options: Any) -> Callable[[Context], np.ndarray]:
@@ -253,9 +268,19 @@ def methods_for(task: Task, names: list[str] | None, *, images: bool = False) ->
         raise ValueError(f"{text_only} cannot value samples with images (they read the text only); "
                          f"choose from {[m.name for m in METHODS if m.takes_images]}")
     chosen = [m for m in chosen if task.kind != "identification" or not m.reference_only]
+    chosen = _with_sources(chosen)
     if any(m.uses_lora or m.uses_warm for m in chosen):
         _require_peft()
     return chosen
+
+
+def _with_sources(chosen: list[Method]) -> list[Method]:
+    """``chosen`` with the sources of a combined method ahead of it (each method once)."""
+    by_name = {m.name: m for m in METHODS}
+    ordered: list[Method] = []
+    for method in chosen:
+        ordered += [by_name[s] for s in method.sources if by_name[s] not in ordered] + [method]
+    return list(dict.fromkeys(ordered))
 
 
 def _require_peft() -> None:
