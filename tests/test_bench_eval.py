@@ -182,7 +182,7 @@ def test_targeted_values_shared_across_targets_equal_each_targets_own(model_dir)
             np.testing.assert_allclose(shared, alone, rtol=1e-5, atol=1e-6 * np.abs(alone).max())
 
 
-def test_targeted_warm_in_cold_ranks_the_cold_shortlist_by_the_warmed_values(model_dir):
+def test_targeted_warm_in_cold_and_cold_plus_warm_combine_the_cold_and_warmed_values(model_dir):
     from forvalue.bench.evals import targeted
     from forvalue.bench.evals.targeted_task import make_targeted
     from forvalue.engine import load_model
@@ -197,3 +197,5 @@ def test_targeted_warm_in_cold_ranks_the_cold_shortlist_by_the_warmed_values(mod
     np.testing.assert_array_equal(values[kept].mean(axis=1), warm[kept])
     chosen = targeted.choose(model, task, target, targeted.WARM_IN_COLD, 0, 8, cache)
     assert set(chosen) <= set(np.flatnonzero(kept)) and len(chosen) == targeted.budget_of(len(task.pool))
+    both = targeted.method_values(model, task, target, targeted.COLD_PLUS_WARM, 8, cache)
+    np.testing.assert_array_equal(both, cache[(target, targeted.VALUED[0])] + cache[(target, targeted.WARM)])

@@ -48,12 +48,14 @@ WARM = VALUED[0] + "-warm"
 # SHORTLIST budgets the cold default values highest (the warm-up alone loses the target's kind)
 WARM_IN_COLD = WARM + "-in-cold"
 SHORTLIST = 3
+# the cold and the warmed default's values added (LESS's sum over checkpoints, with two)
+COLD_PLUS_WARM = VALUED[0] + "-cold-plus-warm"
 # the whole pool for as many epochs as a selection gets (about 20 times the steps): an ungated
 # reference, the cost a selection saves
 EQUAL_EPOCHS = "pool-equal-epochs"
 WHOLE_POOL = ("pool", EQUAL_EPOCHS)
 OPTIONAL = (INDEX, INDEX + ROUND_ROBIN, WARM, WARM + ROUND_ROBIN, WARM_IN_COLD, WARM_IN_COLD + ROUND_ROBIN,
-            EQUAL_EPOCHS)
+            COLD_PLUS_WARM, COLD_PLUS_WARM + ROUND_ROBIN, EQUAL_EPOCHS)
 # Values of a pair that do not depend on the other validation chats (no preconditioner from
 # them): LESS's training gradients are the warm-up's, the same for every target.
 PER_PAIR = ("forvalue-response", "lora-less", "rds-plus")
@@ -83,11 +85,16 @@ def choose(model: Any, task: TargetedTask, target: str, method: str, seed: int, 
 
         return sorted(round_robin(values, budget))
     top = values.max(axis=1) if method.startswith(BY_MAX) else values.mean(axis=1)
-    return sorted(np.argsort(-top, kind="stable")[:budget].tolist())
+    return sorted(highest(top, budget).tolist())
 
 
 def budget_of(pool_size: int) -> int:
     return max(1, round(BUDGET * pool_size))
+
+
+def highest(scores: np.ndarray, count: int) -> np.ndarray:
+    """Positions of the ``count`` highest scores, the earlier first among ties."""
+    return np.argsort(-scores, kind="stable")[:count]
 
 
 def method_values(model: Any, task: TargetedTask, target: str, name: str, lora_rank: int,
@@ -103,6 +110,8 @@ def method_values(model: Any, task: TargetedTask, target: str, name: str, lora_r
     if name == WARM_IN_COLD:
         return warm_in_cold_values(model, task, target, lora_rank, cache)
     found = next(m for m in METHODS if m.name == name)
+    if found.sources:
+        return sum(method_values(model, task, target, source, lora_rank, cache) for source in found.sources)
     shared = name in PER_PAIR
     key = name if shared else (target, name)
     if key not in cache:
@@ -140,7 +149,7 @@ def warm_in_cold_values(model: Any, task: TargetedTask, target: str, lora_rank: 
     """The warmed default's values within the cold default's shortlist; -inf elsewhere."""
     cold = method_values(model, task, target, VALUED[0], lora_rank, cache)
     warm = method_values(model, task, target, WARM, lora_rank, cache)
-    shortlist = np.argsort(-cold.mean(axis=1), kind="stable")[:SHORTLIST * budget_of(len(task.pool))]
+    shortlist = highest(cold.mean(axis=1), SHORTLIST * budget_of(len(task.pool)))
     values = np.full_like(warm, -np.inf)
     values[shortlist] = warm[shortlist]
     return values
