@@ -34,6 +34,22 @@ class Child:
                 raise AssertionError(f"no {what} after {timeout} s:\n{self.stderr()[-4000:]}")
             time.sleep(0.01)
 
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM to the child alone (what it started is its to stop); its exit status."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def group_alive(self, grace: float = 10) -> bool:
+        """Whether a process of the child's group is still running ``grace`` seconds on."""
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.process.pid, 0)
+            except ProcessLookupError:
+                return False
+            time.sleep(0.1)
+        return True
+
     def close(self) -> None:
         try:
             os.killpg(self.process.pid, signal.SIGKILL)

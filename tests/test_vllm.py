@@ -201,7 +201,8 @@ def test_select_backbone_vllm_equals_native_select(tmp_path):
 
 @needs_vllm
 def test_serve_backbone_vllm_streams_the_native_values(tmp_path):
-    """The server loads the model in a worker thread and values on its engine thread."""
+    """The server loads the model in a worker thread and values on its engine thread; SIGTERM
+    stops it and the vLLM engine processes it started."""
     folder, train, valid = _cli_files(tmp_path)
     _forvalue("score", "--train", str(train), "--valid", str(valid), "--model", str(folder),
               "--out", str(tmp_path / "native.jsonl"), cwd=tmp_path)
@@ -211,6 +212,8 @@ def test_serve_backbone_vllm_streams_the_native_values(tmp_path):
         address = re.search(r"serving on (\S+)", server.stderr()).group(1)
         _forvalue("stream", "--server", address, "--reference", "valid", "--input", str(train),
                   "--out", str(tmp_path / "streamed.jsonl"), cwd=tmp_path)
+        assert server.terminate() == 0, server.stderr()[-2000:]
+        assert not server.group_alive(), "the server left its vLLM engine processes running"
     _assert_same_values(_values(tmp_path / "streamed.jsonl"), _values(tmp_path / "native.jsonl"))
 
 
