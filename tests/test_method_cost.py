@@ -27,5 +27,8 @@ def test_less_is_warm_up_gradients_and_projection():
     assert less(SHAPE, LESS_HERE, 10, 4)["projection"] == 0
     costs = table(SHAPE, 10, 4)
     assert costs["select's default"]["total"] > costs["paper's value"]["total"]
+    both = costs["select's default, cold + warm"]
+    assert both["warm-up"] == costs["LESS (as bench/evals runs it)"]["warm-up"]
+    assert both["two values"] == pytest.approx(2 * costs["select's default"]["total"])
     assert all(parts["total"] == pytest.approx(sum(v for k, v in parts.items() if k != "total"))
                for parts in costs.values())

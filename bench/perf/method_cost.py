@@ -22,6 +22,8 @@ left out) for one sample of ``T`` tokens of which ``L`` are labels:
   projection of the adapter gradient (``p`` values) to 8192 dimensions (``2 p 8192``);
   rank 128 on the attention projections. ``LESS as bench/evals runs it``: rank 8 on every
   linear layer, one epoch of warm-up on the whole pool, one checkpoint, no projection.
+- **select's default, cold + warm** (``-cold-plus-warm`` in ``forvalue eval``): that warm-up
+  epoch on the whole pool, then select's default on the base model and on the warmed one.
 
     python -m forvalue.bench.perf.method_cost --out bench/results/method-cost.json
 """
@@ -94,11 +96,18 @@ def select_default(shape: Shape, tokens: int, labels: int) -> dict[str, float]:
             "cosine": 2 * labels**2 * (shape.vocab + width)}
 
 
+def cold_plus_warm(shape: Shape, lora: Lora, tokens: int, labels: int) -> dict[str, float]:
+    step = lora_step(shape, lora, tokens, labels)
+    value = sum(select_default(shape, tokens, labels).values())
+    return {"warm-up": lora.warmup_share * lora.warmup_epochs * step, "two values": 2 * value}
+
+
 def table(shape: Shape, tokens: int, labels: int) -> dict[str, dict[str, float]]:
     methods = {"paper's value": paper_value(shape, tokens, labels),
                "select's default": select_default(shape, tokens, labels),
                "LESS (paper's setup)": less(shape, LESS_PAPER, tokens, labels),
-               "LESS (as bench/evals runs it)": less(shape, LESS_HERE, tokens, labels)}
+               "LESS (as bench/evals runs it)": less(shape, LESS_HERE, tokens, labels),
+               "select's default, cold + warm": cold_plus_warm(shape, LESS_HERE, tokens, labels)}
     return {name: {**parts, "total": sum(parts.values())} for name, parts in methods.items()}
 
 
