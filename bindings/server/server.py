@@ -190,6 +190,7 @@ class ValuationServer:
             await self._server.stop(max(0.0, deadline - loop.time()))
         if self.engine is not None:
             await self.engine.close()
+            self.engine.model.close()
 
     def engine_or_none(self) -> AsyncEngine | None:
         return self.engine if self.ready and not self.draining else None

@@ -106,6 +106,13 @@ class ValuationModel:
             z = z + self.transform.bias.to(z.dtype)
         return self.transform.apply(z)[0]
 
+    def close(self) -> None:
+        """Stop what the model started outside this process (a vLLM engine's processes); a
+        long-running owner calls it before it exits, rather than leaving it to exit-time
+        finalizers. Idempotent; a no-op for a Hugging Face backbone."""
+        if self.vllm is not None:
+            self.vllm.close()
+
 
 def load_model(model: str | os.PathLike | torch.nn.Module = "smollm2-135m", *,
                tokenizer: Any | None = None, device: str | torch.device | None = None,
