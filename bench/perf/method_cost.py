@@ -78,9 +78,14 @@ def lora_step(shape: Shape, lora: Lora, tokens: int, labels: int) -> float:
     return 2 * forward(shape, tokens, labels) + 4 * adapter_size(shape, lora) * tokens
 
 
+def warm_up(shape: Shape, lora: Lora, tokens: int, labels: int) -> float:
+    """The warm-up's training steps, amortised over the pool: per sample of the pool."""
+    return lora.warmup_share * lora.warmup_epochs * lora_step(shape, lora, tokens, labels)
+
+
 def less(shape: Shape, lora: Lora, tokens: int, labels: int) -> dict[str, float]:
     step = lora_step(shape, lora, tokens, labels)
-    return {"warm-up": lora.warmup_share * lora.warmup_epochs * step,
+    return {"warm-up": warm_up(shape, lora, tokens, labels),
             "gradients": lora.checkpoints * step,
             "projection": lora.checkpoints * 2 * adapter_size(shape, lora) * lora.projection}
 
@@ -97,9 +102,8 @@ def select_default(shape: Shape, tokens: int, labels: int) -> dict[str, float]:
 
 
 def cold_plus_warm(shape: Shape, lora: Lora, tokens: int, labels: int) -> dict[str, float]:
-    step = lora_step(shape, lora, tokens, labels)
     value = sum(select_default(shape, tokens, labels).values())
-    return {"warm-up": lora.warmup_share * lora.warmup_epochs * step, "two values": 2 * value}
+    return {"warm-up": warm_up(shape, lora, tokens, labels), "two values": 2 * value}
 
 
 def table(shape: Shape, tokens: int, labels: int) -> dict[str, dict[str, float]]:

@@ -173,7 +173,8 @@ class ValuationServer:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     async def drain(self, grace: float = 30.0) -> None:
-        """Stop taking calls, answer everything accepted (up to ``grace`` seconds), stop."""
+        """Stop taking calls, answer everything accepted (up to ``grace`` seconds), stop, and
+        close the model (a vLLM engine's processes stop now, not in exit-time finalizers)."""
         if self.draining:
             return
         self.draining = True
